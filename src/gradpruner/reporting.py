@@ -1,0 +1,44 @@
+"""Readable output: text summaries for the terminal and plots for the report."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def score_bars(layer_scores: list[float], dropped: set[int] | frozenset = frozenset(), merged: dict | None = None,
+               width: int = 40) -> str:
+    """One line per layer: index, score, a log-scale bar, and its fate in the plan."""
+    merged = merged or {}
+    positive = [s for s in layer_scores if s > 0]
+    lo = math.log10(min(positive)) if positive else 0.0
+    hi = math.log10(max(positive)) if positive else 1.0
+    span = max(hi - lo, 1e-12)
+    lines = []
+    for j, s in enumerate(layer_scores):
+        n = 0 if s <= 0 else 1 + int((width - 1) * (math.log10(s) - lo) / span)
+        fate = f"merged -> {merged[str(j)]}" if str(j) in merged else ("dropped" if j in dropped else "")
+        lines.append(f"  layer {j:>3}  {s:10.3e}  {'#' * n:<{width}}  {fate}")
+    return "\n".join(lines)
+
+
+def plot_layer_scores(layer_scores: list[float], path: Path, dropped=frozenset(), merged: dict | None = None,
+                      title: str = "IGIA layer scores") -> Path:
+    """Bar chart of layer scores (log scale), dropped layers grey and merged ones orange."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    merged = merged or {}
+    colors = ["tab:orange" if str(j) in merged else ("lightgrey" if j in dropped else "tab:blue")
+              for j in range(len(layer_scores))]
+    fig, ax = plt.subplots(figsize=(max(6, len(layer_scores) * 0.3), 3.5))
+    ax.bar(range(len(layer_scores)), [max(s, 1e-30) for s in layer_scores], color=colors)
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
