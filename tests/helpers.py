@@ -86,3 +86,24 @@ def make_tiny_model(arch: str, seed: int = 0, num_layers: int = 8) -> transforme
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+def save_tiny_model_dir(path: Path, arch: str = "llama", seed: int = 0, num_layers: int = 8) -> Path:
+    """A tiny model folder with its tokenizer, as a user's local HF checkpoint would be."""
+    path = Path(path)
+    make_tiny_model(arch, seed, num_layers).save_pretrained(str(path))
+    make_tiny_tokenizer(path)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import json
+
+    Path(path).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return Path(path)
+
+
+def qa_rows(n: int = 40) -> list[dict]:
+    """Generic prompt/completion data the tiny models can train on."""
+    words = ["red", "blue", "green", "cold", "warm", "fast", "slow", "tall"]
+    return [{"prompt": f"Q: what is item {i}?\nA:", "completion": f" {words[i % 8]} {words[(3 * i) % 8]}"} for i in range(n)]
