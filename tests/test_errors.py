@@ -174,3 +174,21 @@ def test_input_model_folder_is_never_modified(tiny_llama, tiny_scores, plan_file
     assert main(["prune", "--model", str(tiny_llama), "--plan", str(plan_file(merge={"6": 5})), "--igia",
                  str(tiny_scores / "igia.safetensors"), "--out", str(tmp_path / "out")]) == 0
     assert digest(tiny_llama) == before
+
+
+def test_pickled_weights_are_refused_unless_allowed(capsys, tiny_llama, plan_file, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pick = tmp_path / "pickled"
+    pick.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, pick / f.name)
+    torch.save(load_file(str(tiny_llama / "model.safetensors")), pick / "pytorch_model.bin")
+    err = _run(capsys, "prune", "--model", pick, "--plan", plan_file(), "--out", tmp_path / "out")
+    assert "pickled" in err and "--allow-pickle" in err
+    _no_leftovers(tmp_path, "out")
+    assert main(["prune", "--model", str(pick), "--plan", str(plan_file()), "--out", str(tmp_path / "out"), "--allow-pickle"]) == 0

@@ -62,7 +62,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
           planned_steps: int | None = None, rank: int = 8, alpha: float = 32, lr: float = 1e-4,
           batch_size: int = 8, grad_accum: int = 1, max_length: int = 512, seed: int = 0,
           lora_dropout: float = 0.0, max_grad_norm: float = 0.0, overwrite: bool = False,
-          trust_remote_code: bool = False) -> dict:
+          trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Run T LoRA optimizer steps on the task data and write scores.json + igia.safetensors to ``out``."""
     steps = resolve_steps(steps, steps_fraction, planned_steps)
     if rank < 1 or batch_size < 1 or grad_accum < 1 or batch_size % grad_accum:
@@ -71,7 +71,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     check_output(out, overwrite, inputs=(source if isinstance(source, Path) else None,))
     examples = load_examples(task=task, data=data, split="train", data_dir=data_dir, seed=seed)
     load_config(source, trust_remote_code)
-    base = load_model(source, trust_remote_code=trust_remote_code)
+    base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
     features = tokenize(examples, tok, max_length=max_length)
     layer_params, total_params = layer_param_counts(base)
@@ -148,7 +148,7 @@ def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_p
 
 def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path | None = None,
           density: float = 0.2, merge_rule: str = "sign_sum", overwrite: bool = False,
-          trust_remote_code: bool = False) -> dict:
+          trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Merge, remove layers and save a standard checkpoint to ``out`` (GUIDE §1.6–1.7)."""
     from .errors import lookup
     from .merging import MERGE_RULES, merge_layers
@@ -165,7 +165,8 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
     factors = _factor_path(the_plan, igia, plan) if the_plan["merge"] else None
     if factors is not None:
         _check_factor_names(factors, the_plan, merge_rule)
-    model_obj = load_model(source, dtype=getattr(config, "dtype", None) or torch.float32, trust_remote_code=trust_remote_code)
+    model_obj = load_model(source, dtype=getattr(config, "dtype", None) or torch.float32,
+                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
     stats = merge_layers(model_obj, the_plan["merge"], factors, density, merge_rule) if factors else {}
     remove_layers(model_obj, the_plan["keep"])

@@ -13,6 +13,7 @@ from .errors import GradPrunerError
 def _add_model(p, required=True):
     p.add_argument("--model", required=required, help="local HF folder, .gguf file, alias (smollm2-135m, gemma3-270m) or Hub id")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model to run (off by default)")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (can run code; safetensors only by default)")
 
 
 def _add_out(p, help_text):
@@ -83,7 +84,7 @@ def _run(args) -> int:
                         alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         max_length=args.max_length, seed=args.seed, lora_dropout=args.lora_dropout,
                         max_grad_norm=args.max_grad_norm, overwrite=args.overwrite,
-                        trust_remote_code=args.trust_remote_code)
+                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         from .reporting import score_bars
 
         print(score_bars(res["layer_scores"]))
@@ -97,7 +98,7 @@ def _run(args) -> int:
         print(f"wrote {args.out}")
     elif args.command == "prune":
         api.prune(args.model, args.plan, args.out, igia=args.igia, density=args.density, merge_rule=args.merge_rule,
-                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code)
+                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         print(f"wrote {args.out}")
     elif args.command == "demo":
         from .demo import run_demo

@@ -38,6 +38,11 @@ def plot_layer_scores(layer_scores: list[float], path: Path, dropped=frozenset()
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("score")
     ax.set_title(title)
+    if dropped:
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color="tab:blue", label="kept"), Patch(color="tab:orange", label="merged"),
+                           Patch(color="lightgrey", label="dropped")], fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
