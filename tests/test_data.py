@@ -9,9 +9,9 @@ import torch
 from helpers import make_tiny_tokenizer
 
 from gradpruner.data import (
-    KINDS, TASKS, Example, PadCollator, default_data_dir, load_examples, load_jsonl, load_task,
-    split_indices, tokenize,
+    PadCollator, default_data_dir, load_examples, load_jsonl, load_task, tokenize,
 )
+from gradpruner.tasks import KINDS, TASKS, Example, split_indices
 from gradpruner.errors import GradPrunerError
 
 DATA_DIR = default_data_dir()

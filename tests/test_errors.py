@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from gradpruner.cli import main
-from helpers import write_jsonl
 
 
 def _run(capsys, *argv) -> str:
@@ -192,3 +191,29 @@ def test_pickled_weights_are_refused_unless_allowed(capsys, tiny_llama, plan_fil
     assert "pickled" in err and "--allow-pickle" in err
     _no_leftovers(tmp_path, "out")
     assert main(["prune", "--model", str(pick), "--plan", str(plan_file()), "--out", str(tmp_path / "out"), "--allow-pickle"]) == 0
+
+
+def test_hub_id_without_network_says_so(capsys, qa_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _run(capsys, *score_args("SomeOrg/some-model-that-is-not-cached", qa_file, tmp_path / "o"))
+    assert "SomeOrg/some-model-that-is-not-cached" in err and "Hub id" in err
+    _no_leftovers(tmp_path, "o")
+
+
+def test_missing_gguf_file(capsys, qa_file, tmp_path):
+    err = _run(capsys, *score_args(tmp_path / "m.gguf", qa_file, tmp_path / "o"))
+    assert "m.gguf" in err and "does not exist" in err
+
+
+def test_alias_without_its_package_names_the_install_command(monkeypatch):
+    import importlib.metadata
+
+    from gradpruner import models
+    from gradpruner.errors import GradPrunerError
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(GradPrunerError, match="pip install"):
+        models.resolve_model("gemma3-270m")

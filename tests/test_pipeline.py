@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +156,30 @@ def test_a_hand_written_plan_is_accepted(tiny_llama, tiny_scores, tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     api.prune(str(tiny_llama), tmp_path / "plan.json", tmp_path / "out", igia=tiny_scores / "igia.safetensors")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 6
+
+
+def test_training_that_ends_early_keeps_the_captured_steps(tiny_llama, qa_file, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from gradpruner import IGIACallback
+    from gradpruner.data import PadCollator, load_jsonl, tokenize
+    from gradpruner.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_llama)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["o_proj"]))
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=3, per_device_train_batch_size=4,
+                             report_to=[], save_strategy="no", use_cpu=True, logging_steps=1)
+    Trainer(model=model, args=args, train_dataset=tokenize(load_jsonl(qa_file), tok),
+            data_collator=PadCollator(tok.pad_token_id), callbacks=[IGIACallback(tmp_path / "s", steps=10)]).train()
+    fac = _factors(tmp_path / "s" / "igia.safetensors")
+    assert fac["model.layers.0.self_attn.o_proj.grad_A"].shape == (3, 2, 64)
+    assert json.loads((tmp_path / "s" / "scores.json").read_text())["steps"] == 3
+    assert not list((tmp_path / "s").glob(".*partial"))
+
+
+def test_plan_by_the_authors_norm_rule(tiny_scores, tmp_path):
+    s = json.loads((tiny_scores / "scores.json").read_text())
+    plan = api.plan(tiny_scores / "scores.json", tmp_path / "p.json", prune=2, rule="igia_norm")
+    by_norm = sorted(range(8), key=lambda j: (s["layer_scores_by_rule"]["igia_norm"][j], j))[:2]
+    assert plan["drop"] == sorted(by_norm) and plan["score_rule"] == "igia_norm"

