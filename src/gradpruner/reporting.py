@@ -47,3 +47,23 @@ def plot_layer_scores(layer_scores: list[float], path: Path, dropped=frozenset()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_bars(values: dict[str, float], path: Path, ylabel: str = "", title: str = "") -> Path:
+    """One bar per labelled value (e.g. accuracy per model), the value written on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(values)), 3.5))
+    bars = ax.bar(range(len(values)), list(values.values()), color="tab:blue")
+    ax.set_xticks(range(len(values)), [k.replace(" (", "\n(") for k in values], fontsize=8)
+    for bar, v in zip(bars, values.values()):
+        ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,198 @@
+"""The run configuration: one YAML file, overridable by ``key=value`` arguments.
+
+Every key is a dataclass field with a default and a comment; the YAML and the CLI overrides fill the
+same objects, unknown keys get a did-you-mean error, and the resolved config is written next to the
+run's outputs. Documented key by key in docs/config.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import GradPrunerError
+
+
+@dataclass
+class ScoreConfig:
+    steps: int = 40              # early LoRA optimizer steps T (≥ 2; step 1 carries no signal)
+    rank: int = 8
+    alpha: float = 32
+    lr: float = 1e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+
+
+@dataclass
+class PlanConfig:
+    prune: int | None = 12       # decoder layers removed (merged ones included); or use target_params
+    target_params: float | None = None  # fraction of all parameters to remove (instead of prune)
+    merge: int = 3               # of the removed layers, how many are merged
+    rule: str = "igia"           # score rule: igia (paper) | igia_norm (authors' release)
+
+
+@dataclass
+class PruneConfig:
+    density: float = 0.2         # fraction of a merged module's entries kept, by IGIA
+    merge_rule: str = "sign_sum"  # sign_sum | sign_mean | fisher
+
+
+@dataclass
+class FinetuneStageConfig:
+    mode: str = "lora"           # lora | full
+    lr: float | None = None      # None: 2e-4 for LoRA, 1e-5 for full fine-tuning
+    epochs: float = 3.0          # the paper trains 3 epochs
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    rank: int = 8
+    alpha: float = 32
+    limit: int | None = None     # use only the first K training examples
+    dense_baseline: bool = True  # also fine-tune the dense model the same way
+
+
+@dataclass
+class EvalConfig:
+    limit: int | None = None     # evaluate on the first K held-out examples (None: all)
+    batch_size: int = 8
+    zero_shot_dense: bool = True  # also evaluate the dense model before fine-tuning
+    pruned_no_finetune: bool = True  # also evaluate the pruned model before fine-tuning
+    encoder: str | None = None   # BERTScore encoder folder (generative tasks); None: the packaged MiniLM
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"  # local folder, .gguf, alias or Hub id
+    task: str | None = "arc_easy"  # built-in task, or None with data
+    data: str | None = None      # JSONL of prompt/completion lines (instead of task)
+    data_dir: str | None = None  # task data folder (default: $GRADPRUNER_DATA_DIR or ../shared/data)
+    out: str = "runs/run"        # run folder: every stage writes here
+    seed: int = 0
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _known(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(cls)}
+
+
+def _unknown_key(key: str, known, where: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=2)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"Unknown config key {where + key!r}; valid keys there: {', '.join(sorted(known))}.{hint}"
+
+
+def _coerce(value, f: dataclasses.Field, where: str):
+    """Check a YAML value against the field's type; ints are accepted for floats."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if value is None:
+        if "None" in kind:
+            return None
+        raise GradPrunerError(f"Config key {where}{f.name} cannot be empty; give a {kind} value.")
+    if isinstance(value, bool) and not kind.startswith("bool"):
+        raise GradPrunerError(f"Config key {where}{f.name} is {value!r}; expected {kind}.")
+    for name, typ in (("int", int), ("float", float), ("str", str), ("bool", bool)):
+        if kind.startswith(name):
+            if typ is float and isinstance(value, int):
+                return float(value)
+            if typ is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            if not isinstance(value, typ):
+                raise GradPrunerError(f"Config key {where}{f.name} is {value!r}; expected {kind}.")
+            return value
+    return value
+
+
+def _build(cls, data: dict, where: str = "", problems: list | None = None):
+    known = _known(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            problems.append(_unknown_key(str(key), known, where))
+            continue
+        f = known[key]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            sub = f.default_factory
+            if not isinstance(value, dict):
+                problems.append(f"Config key {where}{key} must be a mapping of its own keys.")
+                continue
+            kwargs[key] = _build(sub, value, f"{where}{key}.", problems)
+            continue
+        try:
+            kwargs[key] = _coerce(value, f, where)
+        except GradPrunerError as exc:
+            problems.extend(exc.problems)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``finetune.max_steps=100`` -> (["finetune", "max_steps"], 100), the value parsed as YAML."""
+    if "=" not in text:
+        raise GradPrunerError(f"Override {text!r} is not key=value; write e.g. finetune.max_steps=100.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise GradPrunerError(f"Config file {path} does not exist; check the path (examples are in configs/).")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+            raise GradPrunerError(f"Config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file.") from None
+        if not isinstance(data, dict):
+            raise GradPrunerError(f"Config file {path} must hold a mapping of keys, not a {type(data).__name__}.")
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise GradPrunerError(f"Override {text!r}: {k} is not a section; check the key.")
+        node[keys[-1]] = value
+    problems: list[str] = []
+    cfg = _build(RunConfig, data, "", problems)
+    problems += _check(cfg)
+    if problems:
+        raise GradPrunerError(*problems)
+    return cfg
+
+
+def _check(cfg: RunConfig) -> list[str]:
+    """Cross-key rules that single values cannot express."""
+    out = []
+    if (cfg.task is None) == (cfg.data is None):
+        out.append("Give exactly one of the config keys task and data (set the other to null).")
+    if (cfg.plan.prune is None) == (cfg.plan.target_params is None):
+        out.append("Give exactly one of plan.prune and plan.target_params (set the other to null).")
+    if cfg.finetune.mode not in ("lora", "full"):
+        out.append(f"finetune.mode is {cfg.finetune.mode!r}; use lora or full.")
+    if ".." in Path(cfg.out).parts:
+        out.append(f"Config key out {cfg.out!r} climbs out of the working folder with '..'; give a plain path.")
+    return out
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,287 @@
+"""Fine-tune a (pruned) model on a task: LoRA merged into the weights, or every parameter.
+
+Training runs through ``transformers.Trainer`` (AdamW, accelerate underneath). Checkpoints go to the
+sibling folder ``<out>.checkpoints`` so an interrupted run can continue with ``resume=True`` and end
+with the same weights as an uninterrupted one; the final model is written atomically to ``out`` as a
+plain ``save_pretrained`` folder (LoRA merged, no adapter files) with ``finetune.json`` beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from . import architectures
+from .atomic import atomic_dir, check_output, read_json, write_json
+from .data import PadCollator, load_examples, tokenize
+from .errors import GradPrunerError, lookup
+from .models import load_config, load_model, load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+
+MODES = {"lora": "LoRA on every decoder-layer linear, merged into the weights after training",
+         "full": "every parameter trained"}
+# The paper uses AdamW at 1e-5 for both modes. LoRA trains a small low-rank update that starts at
+# zero and needs a much larger step to move in the same number of steps, hence 2e-4 (the usual LoRA lr).
+DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+SPLIT_SEED = 0  # the task train/eval split is fixed, so evaluation never sees a training example
+RUN_FILE = "finetune_run.json"  # in the checkpoints folder: what the checkpoints were made with
+_NO_EFFECT = ("save_steps", "logging_steps")  # may change between a run and its resumption
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning settings. ``batch_size`` is examples per optimizer step (split over ``grad_accum``)."""
+
+    mode: str = "lora"                 # "lora" or "full"
+    lr: float | None = None            # None: DEFAULT_LR[mode]
+    epochs: float = 3.0                # the paper's 3 epochs
+    max_steps: int | None = None       # optimizer steps; overrides epochs when set
+    batch_size: int = 8                # the paper uses 64; 8 fits small GPUs, raise it (or grad_accum)
+    grad_accum: int = 1
+    max_length: int = 512
+    rank: int = 8                      # LoRA only
+    alpha: float = 32                  # LoRA only
+    lora_dropout: float = 0.05         # LoRA only
+    warmup_ratio: float = 0.03         # fraction of the optimizer steps with linear warmup
+    lr_scheduler: str = "cosine"       # decays to 0 at the end, the common choice for short fine-tuning runs
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0         # 0 turns clipping off
+    seed: int = 0                      # LoRA init, dropout and data order
+    save_steps: int = 50               # checkpoint every N optimizer steps (and at the end)
+    logging_steps: int = 10            # a loss point every N optimizer steps
+    limit: int | None = None           # train on the first K examples only
+    bf16: bool | None = None           # None: bf16 autocast on a GPU that supports it, off on CPU
+
+    def resolved(self) -> FinetuneConfig:
+        return dataclasses.replace(self, lr=DEFAULT_LR[self.mode] if self.lr is None else self.lr)
+
+
+def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with the lr filled in, or one GradPrunerError listing every bad setting."""
+    lookup(MODES, cfg.mode, "fine-tuning mode")
+    if cfg.lr_scheduler not in SCHEDULERS:
+        lookup(dict.fromkeys(SCHEDULERS), cfg.lr_scheduler, "learning-rate scheduler")
+    cfg = cfg.resolved()
+    checks = [
+        ("--lr", cfg.lr, _positive(cfg.lr), "e.g. 2e-4 for LoRA or 1e-5 for full"),
+        ("--epochs", cfg.epochs, _positive(cfg.epochs), "e.g. 3"),
+        ("--max-steps", cfg.max_steps, cfg.max_steps is None or _count(cfg.max_steps), "a whole number ≥ 1"),
+        ("--batch-size", cfg.batch_size, _count(cfg.batch_size), "a whole number ≥ 1"),
+        ("--grad-accum", cfg.grad_accum, _count(cfg.grad_accum) and _count(cfg.batch_size)
+         and cfg.batch_size % cfg.grad_accum == 0, "a whole number ≥ 1 that divides --batch-size"),
+        ("--max-length", cfg.max_length, _count(cfg.max_length), "e.g. 512"),
+        ("--rank", cfg.rank, _count(cfg.rank), "e.g. 8"),
+        ("--alpha", cfg.alpha, _positive(cfg.alpha), "e.g. 32"),
+        ("--lora-dropout", cfg.lora_dropout, _fraction(cfg.lora_dropout), "a value in [0, 1), e.g. 0.05"),
+        ("--warmup-ratio", cfg.warmup_ratio, _fraction(cfg.warmup_ratio), "a value in [0, 1), e.g. 0.03"),
+        ("--weight-decay", cfg.weight_decay, _non_negative(cfg.weight_decay), "a value ≥ 0"),
+        ("--max-grad-norm", cfg.max_grad_norm, _non_negative(cfg.max_grad_norm), "a value ≥ 0 (0 = no clipping)"),
+        ("--seed", cfg.seed, isinstance(cfg.seed, int) and cfg.seed >= 0, "a whole number ≥ 0"),
+        ("--save-steps", cfg.save_steps, _count(cfg.save_steps), "a whole number ≥ 1"),
+        ("--logging-steps", cfg.logging_steps, _count(cfg.logging_steps), "a whole number ≥ 1"),
+        ("--limit", cfg.limit, cfg.limit is None or _count(cfg.limit), "a whole number ≥ 1"),
+    ]
+    problems = [f"{flag} {value!r} is invalid; use {hint}." for flag, value, ok, hint in checks if not ok]
+    if problems:
+        raise GradPrunerError(*problems)
+    return cfg
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _positive(x) -> bool:
+    return _number(x) and x > 0
+
+
+def _non_negative(x) -> bool:
+    return _number(x) and x >= 0
+
+
+def _fraction(x) -> bool:
+    return _number(x) and 0 <= x < 1
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where the checkpoints of a run writing ``out`` live: the sibling ``<out>.checkpoints``."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def last_checkpoint(ckpt: Path) -> Path | None:
+    """The ``checkpoint-<step>`` folder with the highest step that holds a trainer state."""
+    found = [p for p in ckpt.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+             and (p / "trainer_state.json").is_file()] if ckpt.is_dir() else []
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def finetune(model: str | Path, out: str | Path, task: str | None = None, data: str | Path | None = None,
+             data_dir: str | Path | None = None, config: FinetuneConfig | None = None, resume: bool = False,
+             overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
+             allow_pickle: bool = False, callbacks: tuple = ()) -> dict:
+    """Fine-tune ``model`` on ``task`` or a JSONL ``data`` file and save it to ``out``; returns finetune.json.
+
+    ``resume`` continues from the last checkpoint in ``<out>.checkpoints`` (it starts fresh, saying so,
+    when there is none). ``callbacks`` are extra ``TrainerCallback`` objects.
+    """
+    start = time.monotonic()
+    cfg = validate_config(config or FinetuneConfig())
+    out = Path(out)
+    source = resolve_model(model)
+    ckpt, replace = _check_locations(out, source, resume, overwrite)
+    examples = load_examples(task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
+    tok = load_tokenizer(source, trust_remote_code)
+    features = tokenize(examples[: cfg.limit], tok, max_length=cfg.max_length)
+    run = {"config": dataclasses.asdict(cfg), "model": str(source), "task": task,
+           "data": str(Path(data).resolve()) if data else None, "train_examples": len(features)}
+    checkpoint = _resume_point(ckpt, run) if resume else None
+    save_dtype = getattr(load_config(source, trust_remote_code), "dtype", None)
+    base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    write_json(ckpt / RUN_FILE, run)
+    trained, trainer = _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks)
+    record = _record(run, model, trainer, checkpoint, start)
+    if isinstance(save_dtype, torch.dtype) and save_dtype.is_floating_point and save_dtype != torch.float32:
+        trained = trained.to(save_dtype)  # trained in float32, saved in the source's precision
+    from .surgery import save_model
+
+    with atomic_dir(out, overwrite=replace) as tmp:
+        save_model(trained, tok, tmp, extra_files={"finetune.json": record})
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return record
+
+
+def _check_locations(out: Path, source, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """(checkpoints folder, whether ``out`` may be replaced), after checking both locations."""
+    ckpt = checkpoint_dir(out)
+    resumable = resume and ckpt.is_dir()  # a finished run whose checkpoints were not yet removed
+    replace = overwrite or resumable
+    check_output(out, replace, inputs=(source if isinstance(source, Path) else None,))
+    if ckpt.exists() and not resume:
+        if not overwrite:
+            raise GradPrunerError(f"Checkpoints of an earlier run exist at {ckpt}; pass --resume to continue "
+                                  "that run or --overwrite to discard them and start afresh.")
+        shutil.rmtree(ckpt)
+    return ckpt, replace
+
+
+def _resume_point(ckpt: Path, run: dict) -> Path | None:
+    """The checkpoint to resume from, after checking it was made with the same settings."""
+    checkpoint = last_checkpoint(ckpt)
+    if checkpoint is None:
+        log.warning("No checkpoint found in %s; starting the fine-tuning run from the beginning.", ckpt)
+        return None
+    saved = read_json(ckpt / RUN_FILE, "Checkpoint run file")
+    differ = [k for k in sorted(set(run) | set(saved)) if k != "config" and run.get(k) != saved.get(k)]
+    old, new = saved.get("config", {}), run["config"]
+    differ += [f"--{k.replace('_', '-')}" for k in sorted(set(old) | set(new))
+               if k not in _NO_EFFECT and old.get(k) != new.get(k)]
+    if differ:
+        raise GradPrunerError(f"The checkpoints in {ckpt} were made with a different {', '.join(differ)}; "
+                              "resume with the same settings, or drop --resume and pass --overwrite to start afresh.")
+    log.info("Resuming from %s.", checkpoint)
+    return checkpoint
+
+
+def _peft_model(base, cfg: FinetuneConfig):
+    from peft import LoraConfig, get_peft_model
+
+    names = architectures.linear_module_names(base)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=names,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)
+
+
+def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    return TrainingArguments(
+        output_dir=str(ckpt), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size // cfg.grad_accum, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch", bf16=bf16,
+        logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed,
+        report_to=[], remove_unused_columns=False, use_cpu=not cuda, dataloader_num_workers=0,
+        dataloader_pin_memory=cuda, disable_tqdm=not progress,
+    )
+
+
+def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks):
+    """(trained plain model, trainer) after training from scratch or from ``checkpoint``."""
+    from transformers import Trainer, set_seed
+
+    set_seed(cfg.seed)
+    model = _peft_model(base, cfg) if cfg.mode == "lora" else base
+    guard = StopOnNonFinite(cfg.lr, out, ckpt)
+    trainer = Trainer(model=model, args=_training_args(cfg, ckpt, progress), train_dataset=features,
+                      data_collator=PadCollator(tok.pad_token_id), callbacks=[guard, *callbacks])
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    trained = model.merge_and_unload() if cfg.mode == "lora" else model
+    return trained.eval(), trainer
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stops training with a GradPrunerError at the first non-finite gradient or logged loss."""
+
+    def __init__(self, lr: float, out: Path, ckpt: Path):
+        self.lr, self.out, self.ckpt = lr, out, ckpt
+
+    def _error(self, what: str, step: int) -> GradPrunerError:
+        return GradPrunerError(
+            f"Non-finite {what} at optimizer step {step}; lower the learning rate (--lr, now {self.lr:g}) "
+            f"or check the data. Nothing was written to {self.out}; checkpoints saved so far stay in {self.ckpt}."
+        )
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if any(not bool(torch.isfinite(g).all()) for g in grads):
+            raise self._error("gradients", state.global_step + 1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise self._error("training loss", state.global_step)
+
+
+# --- the record -------------------------------------------------------------------------------
+
+def _record(run: dict, model_spec, trainer, checkpoint, start: float) -> dict:
+    from .api import _versions
+
+    history = trainer.state.log_history
+    curve = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
+              "grad_norm": e.get("grad_norm")} for e in history if "loss" in e]
+    summary = next((e for e in reversed(history) if "train_loss" in e), {})
+    return {**run, "model_spec": str(model_spec), "optimizer_steps": trainer.state.global_step,
+            "epochs_done": trainer.state.epoch, "resumed_from": str(checkpoint) if checkpoint else None,
+            "train_loss": summary.get("train_loss"), "loss_curve": curve,
+            "wall_seconds": round(time.monotonic() - start, 3), **_peak_memory(), "versions": _versions()}
+
+
+def _peak_memory() -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if torch.cuda.is_available():
+        peak["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak

@@ -1,0 +1,155 @@
+"""``gradpruner run``: dense fine-tune → score → plan → prune → fine-tune → evaluate → report.
+
+Every stage writes its files into the run folder and a record ``stages/<name>.json`` holding a key
+(a hash of the config that stage depends on, chained through the stages it reads from), its wall
+time and peak memory. A stage whose record and outputs exist with the same key is skipped, so a
+rerun resumes where an interrupted run stopped and a changed key reruns exactly what it affects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from . import api
+from .atomic import read_json, write_json
+from .config import RunConfig, dump_config
+from .costs import flops_per_token, measure, param_counts
+
+log = logging.getLogger(__name__)
+EVALS = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Run:
+    """The run folder, its stage records and the chain of stage keys."""
+
+    def __init__(self, cfg: RunConfig, echo=print):
+        self.cfg, self.echo = cfg, echo
+        self.dir = Path(cfg.out)
+        self.stages_dir = self.dir / "stages"
+        self.stages_dir.mkdir(parents=True, exist_ok=True)
+        data = {"model": cfg.model, "task": cfg.task, "data": cfg.data, "data_dir": cfg.data_dir, "seed": cfg.seed}
+        self.keys = {"data": _key(data)}
+        self.keys["score"] = _key(self.keys["data"], asdict(cfg.score))
+        self.keys["plan"] = _key(self.keys["score"], asdict(cfg.plan))
+        self.keys["prune"] = _key(self.keys["plan"], asdict(cfg.prune))
+        ft = {k: v for k, v in asdict(cfg.finetune).items() if k != "dense_baseline"}
+        self.keys["dense_ft"] = _key(self.keys["data"], ft)
+        self.keys["pruned_ft"] = _key(self.keys["prune"], ft)
+        ev = asdict(cfg.eval)
+        for name, upstream in (("dense_zero_shot", "data"), ("dense_ft", "dense_ft"), ("pruned", "prune"),
+                               ("pruned_ft", "pruned_ft")):
+            self.keys[f"eval_{name}"] = _key(self.keys[upstream], ev["limit"], ev["encoder"], "eval")
+
+    def record(self, stage: str) -> Path:
+        return self.stages_dir / f"{stage}.json"
+
+    def done(self, stage: str, outputs: list[Path]) -> bool:
+        rec = self.record(stage)
+        if not rec.is_file() or not all(p.exists() for p in outputs):
+            return False
+        try:
+            return json.loads(rec.read_text()).get("key") == self.keys[stage]
+        except (json.JSONDecodeError, OSError):
+            return False
+
+    def stage(self, stage: str, outputs: list[Path], fn, *args, **kwargs):
+        """Run ``fn`` unless the stage is done; record its key, usage and result."""
+        if self.done(stage, outputs):
+            self.echo(f"  ✓ {stage}: up to date, skipped")
+            return read_json(self.record(stage), "Stage record").get("result")
+        self.echo(f"  → {stage}")
+        started = self.stages_dir / f"{stage}.started.json"
+        fresh = not started.is_file() or json.loads(started.read_text()).get("key") != self.keys[stage]
+        write_json(started, {"key": self.keys[stage]})
+        with measure() as usage:
+            result = fn(*args, fresh=fresh, **kwargs)
+        write_json(self.record(stage), {"key": self.keys[stage], "usage": usage.as_dict(), "result": result})
+        started.unlink(missing_ok=True)
+        self.echo(f"    {stage}: {usage.seconds:.0f} s, peak RSS {usage.peak_rss_mb:.0f} MiB")
+        return result
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+def _data_args(cfg: RunConfig) -> dict:
+    return {"task": cfg.task, "data": cfg.data, "data_dir": cfg.data_dir}
+
+
+def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
+    from .finetune import FinetuneConfig, finetune
+
+    names = {f.name for f in fields(FinetuneConfig)}
+    ft = FinetuneConfig(**{k: v for k, v in asdict(cfg.finetune).items() if k in names}, seed=cfg.seed)
+    if fresh:  # checkpoints from another config must not be resumed
+        shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
+    rec = finetune(model, out, **_data_args(cfg), config=ft, resume=not fresh, overwrite=True)
+    return {k: rec.get(k) for k in ("steps", "train_examples", "seconds", "peak_rss_mb", "final_loss") if k in rec}
+
+
+def _score(cfg: RunConfig, out: Path, fresh: bool) -> dict:
+    s = cfg.score
+    res = api.score(cfg.model, out, **_data_args(cfg), steps=s.steps, rank=s.rank, alpha=s.alpha, lr=s.lr,
+                    batch_size=s.batch_size, grad_accum=s.grad_accum, max_length=s.max_length, seed=cfg.seed,
+                    overwrite=True)
+    return {"steps": res["steps"], "informative_steps": res["informative_steps"]}
+
+
+def _plan(cfg: RunConfig, scores: Path, out: Path, fresh: bool) -> dict:
+    p = cfg.plan
+    res = api.plan(scores, out, prune=p.prune, target_params=p.target_params, merge=p.merge, rule=p.rule, overwrite=True)
+    return {"keep": res["keep"], "drop": res["drop"], "merge": res["merge"]}
+
+
+def _prune(cfg: RunConfig, plan: Path, out: Path, fresh: bool) -> dict:
+    api.prune(cfg.model, plan, out, density=cfg.prune.density, merge_rule=cfg.prune.merge_rule, overwrite=True)
+    return {"out": str(out)}
+
+
+def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
+    from .evaluation import evaluate
+    from .models import load_model, load_tokenizer, resolve_model
+    from .costs import latency
+
+    source = resolve_model(model)
+    m, tok = load_model(source), load_tokenizer(source)
+    res = evaluate(m, tok, task=cfg.task, data=cfg.data, data_dir=cfg.data_dir, seed=cfg.seed,
+                   limit=cfg.eval.limit, batch_size=cfg.eval.batch_size, encoder=cfg.eval.encoder)
+    res.update({"model": str(model), "params": param_counts(m), "flops_per_token": flops_per_token(m),
+                "latency": latency(m)})
+    write_json(out, res)
+    return {"metric": res["metric"], "value": res["value"], "n": res["n"]}
+
+
+def run(cfg: RunConfig, echo=print) -> Path:
+    """Run every stage that is not up to date; return the report path."""
+    from .report import write_report
+
+    r = Run(cfg, echo)
+    d = r.dir
+    (d / "config.yaml").write_text(dump_config(cfg))
+    echo(f"run folder {d}")
+    if cfg.finetune.dense_baseline:
+        r.stage("dense_ft", [d / "dense_ft"], _finetune, cfg, cfg.model, d / "dense_ft")
+    r.stage("score", [d / "scores" / "scores.json"], _score, cfg, d / "scores")
+    r.stage("plan", [d / "plan.json"], _plan, cfg, d / "scores" / "scores.json", d / "plan.json")
+    r.stage("prune", [d / "pruned"], _prune, cfg, d / "plan.json", d / "pruned")
+    r.stage("pruned_ft", [d / "pruned_ft"], _finetune, cfg, str(d / "pruned"), d / "pruned_ft")
+    models = {"dense_zero_shot": cfg.model if cfg.eval.zero_shot_dense else None,
+              "dense_ft": str(d / "dense_ft") if cfg.finetune.dense_baseline else None,
+              "pruned": str(d / "pruned") if cfg.eval.pruned_no_finetune else None,
+              "pruned_ft": str(d / "pruned_ft")}
+    for name, model in models.items():
+        if model is not None:
+            out = d / "eval" / f"{name}.json"
+            r.stage(f"eval_{name}", [out], _evaluate, cfg, model, out)
+    report = write_report(d)
+    echo(f"report: {report} (and {report.with_suffix('.html').name})")
+    return report
