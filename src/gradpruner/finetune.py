@@ -25,6 +25,7 @@ from .atomic import atomic_dir, check_output, read_json, write_json
 from .data import PadCollator, load_examples, tokenize
 from .errors import GradPrunerError, lookup
 from .models import load_config, load_model, load_tokenizer, resolve_model
+from .surgery import save_model
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +162,6 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
     record = _record(run, model, trainer, checkpoint, start)
     if isinstance(save_dtype, torch.dtype) and save_dtype.is_floating_point and save_dtype != torch.float32:
         trained = trained.to(save_dtype)  # trained in float32, saved in the source's precision
-    from .surgery import save_model
-
     with atomic_dir(out, overwrite=replace) as tmp:
         save_model(trained, tok, tmp, extra_files={"finetune.json": record})
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -229,13 +228,15 @@ def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
 
 def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks):
     """(trained plain model, trainer) after training from scratch or from ``checkpoint``."""
-    from transformers import Trainer, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
 
     set_seed(cfg.seed)
     model = _peft_model(base, cfg) if cfg.mode == "lora" else base
     guard = StopOnNonFinite(cfg.lr, out, ckpt)
     trainer = Trainer(model=model, args=_training_args(cfg, ckpt, progress), train_dataset=features,
                       data_collator=PadCollator(tok.pad_token_id), callbacks=[guard, *callbacks])
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when the bars are off
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     trained = model.merge_and_unload() if cfg.mode == "lora" else model
     return trained.eval(), trainer
