@@ -62,15 +62,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--merge-rule", default="sign_sum", help="sign_sum (default, paper Eq. 5), sign_mean (Eq. 6) or fisher (App. B.2)")
     _add_out(r, "folder for the pruned checkpoint")
 
-    d = sub.add_parser("demo", help="score → plan → prune SmolLM2-135M on ARC-Easy and show what changed")
-    d.add_argument("--model", default="smollm2-135m")
-    d.add_argument("--task", default="arc_easy")
-    d.add_argument("--data-dir")
-    d.add_argument("--steps", type=int, default=20)
-    d.add_argument("--prune", type=int, default=12)
-    d.add_argument("--merge", type=int, default=3)
-    d.add_argument("--eval-examples", type=int, default=96, help="held-out examples for the loss")
-    d.add_argument("--out", default="runs/demo", help="folder for all demo outputs (replaced)")
+    f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the task: LoRA merged into the weights, or full")
+    _add_model(f)
+    fsrc = f.add_mutually_exclusive_group(required=True)
+    fsrc.add_argument("--task")
+    fsrc.add_argument("--data")
+    f.add_argument("--data-dir")
+    f.add_argument("--mode", default="lora", help="lora (adapters merged into the saved weights) or full")
+    f.add_argument("--lr", type=float, help="default 2e-4 for lora, 1e-5 for full")
+    f.add_argument("--epochs", type=float, default=3.0, help="the paper's 3 (ignored with --max-steps)")
+    f.add_argument("--max-steps", type=int)
+    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--grad-accum", type=int, default=1)
+    f.add_argument("--max-length", type=int, default=512)
+    f.add_argument("--rank", type=int, default=8)
+    f.add_argument("--alpha", type=float, default=32)
+    f.add_argument("--save-steps", type=int, default=50, help="checkpoint every N optimizer steps")
+    f.add_argument("--limit", type=int, help="train on the first K examples only")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoints/")
+    _add_out(f, "folder for the fine-tuned checkpoint")
+
+    ru = sub.add_parser("run", help="the whole pipeline from one YAML config (see docs/config.md)")
+    ru.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    ru.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.max_steps=50")
+
+    rp = sub.add_parser("report", help="(re)write report.md and report.html of a run folder")
+    rp.add_argument("run_dir")
+
+    d = sub.add_parser("demo", help="the pipeline on SmolLM2-135M and ARC-Easy (≈15 min on 2 CPU cores)")
+    d.add_argument("--out", default="runs/demo", help="run folder (finished stages are reused)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of the demo config")
     return ap
 
 
@@ -99,6 +121,27 @@ def _run(args) -> int:
         api.prune(args.model, args.plan, args.out, igia=args.igia, density=args.density, merge_rule=args.merge_rule,
                   overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         print(f"wrote {args.out}")
+    elif args.command == "finetune":
+        from .finetune import FinetuneConfig, finetune
+
+        cfg = FinetuneConfig(mode=args.mode, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+                             batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+                             rank=args.rank, alpha=args.alpha, save_steps=args.save_steps, limit=args.limit,
+                             seed=args.seed)
+        rec = finetune(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir, config=cfg,
+                       resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                       allow_pickle=args.allow_pickle)
+        print(f"wrote {args.out} ({rec['optimizer_steps']} optimizer steps, {rec['wall_seconds']:.0f} s, "
+              f"final loss {rec['final_loss']:.4f})")
+    elif args.command == "run":
+        from .config import load_config
+        from .pipeline import run
+
+        run(load_config(args.config, args.overrides))
+    elif args.command == "report":
+        from .report import write_report
+
+        print(f"wrote {write_report(args.run_dir)}")
     elif args.command == "demo":
         from .demo import run_demo
 

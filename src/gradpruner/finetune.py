@@ -14,6 +14,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
         ("--save-steps", cfg.save_steps, _count(cfg.save_steps), "a whole number ≥ 1"),
         ("--logging-steps", cfg.logging_steps, _count(cfg.logging_steps), "a whole number ≥ 1"),
         ("--limit", cfg.limit, cfg.limit is None or _count(cfg.limit), "a whole number ≥ 1"),
+        ("bf16", cfg.bf16, cfg.bf16 in (None, True, False), "True, False or None (automatic)"),
     ]
     problems = [f"{flag} {value!r} is invalid; use {hint}." for flag, value, ok, hint in checks if not ok]
     if problems:
@@ -125,11 +127,16 @@ def checkpoint_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".checkpoints")
 
 
+def _step_of(checkpoint: Path) -> int:
+    tail = checkpoint.name.split("-")[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 def last_checkpoint(ckpt: Path) -> Path | None:
     """The ``checkpoint-<step>`` folder with the highest step that holds a trainer state."""
-    found = [p for p in ckpt.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+    found = [p for p in ckpt.glob("checkpoint-*") if _step_of(p) >= 0
              and (p / "trainer_state.json").is_file()] if ckpt.is_dir() else []
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return max(found, key=_step_of, default=None)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -158,7 +165,12 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
     base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     ckpt.mkdir(parents=True, exist_ok=True)
     write_json(ckpt / RUN_FILE, run)
-    trained, trainer = _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks)
+    try:
+        trained, trainer = _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks)
+    except BaseException:
+        if last_checkpoint(ckpt) is None:  # nothing to resume from: leave nothing behind
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
     record = _record(run, model, trainer, checkpoint, start)
     if isinstance(save_dtype, torch.dtype) and save_dtype.is_floating_point and save_dtype != torch.float32:
         trained = trained.to(save_dtype)  # trained in float32, saved in the source's precision
@@ -171,11 +183,13 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
 def _check_locations(out: Path, source, resume: bool, overwrite: bool) -> tuple[Path, bool]:
     """(checkpoints folder, whether ``out`` may be replaced), after checking both locations."""
     ckpt = checkpoint_dir(out)
-    resumable = resume and ckpt.is_dir()  # a finished run whose checkpoints were not yet removed
-    replace = overwrite or resumable
+    saved = last_checkpoint(ckpt) is not None
+    # With resume, an existing out is replaced when checkpoints exist: a run that wrote out but was
+    # stopped before it removed its checkpoints.
+    replace = overwrite or (resume and saved)
     check_output(out, replace, inputs=(source if isinstance(source, Path) else None,))
     if ckpt.exists() and not resume:
-        if not overwrite:
+        if saved and not overwrite:
             raise GradPrunerError(f"Checkpoints of an earlier run exist at {ckpt}; pass --resume to continue "
                                   "that run or --overwrite to discard them and start afresh.")
         shutil.rmtree(ckpt)
@@ -206,7 +220,9 @@ def _peft_model(base, cfg: FinetuneConfig):
     names = architectures.linear_module_names(base)
     lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=names,
                       bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(base, lora)
 
 
 def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
@@ -249,9 +265,11 @@ class StopOnNonFinite(TrainerCallback):
         self.lr, self.out, self.ckpt = lr, out, ckpt
 
     def _error(self, what: str, step: int) -> GradPrunerError:
+        saved = last_checkpoint(self.ckpt)
+        kept = f"; the checkpoints up to {saved.name} stay in {self.ckpt}" if saved else ""
         return GradPrunerError(
             f"Non-finite {what} at optimizer step {step}; lower the learning rate (--lr, now {self.lr:g}) "
-            f"or check the data. Nothing was written to {self.out}; checkpoints saved so far stay in {self.ckpt}."
+            f"or check the data. Nothing was written to {self.out}{kept}."
         )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
@@ -273,11 +291,26 @@ def _record(run: dict, model_spec, trainer, checkpoint, start: float) -> dict:
     history = trainer.state.log_history
     curve = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
               "grad_norm": e.get("grad_norm")} for e in history if "loss" in e]
-    summary = next((e for e in reversed(history) if "train_loss" in e), {})
     return {**run, "model_spec": str(model_spec), "optimizer_steps": trainer.state.global_step,
             "epochs_done": trainer.state.epoch, "resumed_from": str(checkpoint) if checkpoint else None,
-            "train_loss": summary.get("train_loss"), "loss_curve": curve,
+            "device": trainer.args.device.type, "bf16_autocast": trainer.args.bf16,
+            "train_loss": _mean_loss(curve, _step_of(checkpoint) if checkpoint else 0),
+            "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
             "wall_seconds": round(time.monotonic() - start, 3), **_peak_memory(), "versions": _versions()}
+
+
+def _mean_loss(curve: list[dict], resumed_at: int) -> float | None:
+    """Mean loss over the optimizer steps the logged points cover, resumed parts included.
+
+    Each point is the mean since the previous one, or since the resumption step for the first point
+    after it (steps between the last log and the checkpoint were never logged). Trainer's own
+    train_loss covers only the last ``train()`` call, so it is wrong after a resumption.
+    """
+    prev, total, covered = 0, 0.0, 0
+    for p in curve:
+        start = resumed_at if prev < resumed_at < p["step"] else prev
+        total, covered, prev = total + p["loss"] * (p["step"] - start), covered + p["step"] - start, p["step"]
+    return total / covered if covered else None
 
 
 def _peak_memory() -> dict:

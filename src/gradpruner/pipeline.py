@@ -91,7 +91,7 @@ def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     if fresh:  # checkpoints from another config must not be resumed
         shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
     rec = finetune(model, out, **_data_args(cfg), config=ft, resume=not fresh, overwrite=True)
-    return {k: rec.get(k) for k in ("steps", "train_examples", "seconds", "peak_rss_mb", "final_loss") if k in rec}
+    return {k: rec.get(k) for k in ("optimizer_steps", "train_examples", "wall_seconds", "peak_rss_mib", "final_loss")}
 
 
 def _score(cfg: RunConfig, out: Path, fresh: bool) -> dict:
