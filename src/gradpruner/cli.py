@@ -83,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoints/")
     _add_out(f, "folder for the fine-tuned checkpoint")
 
+    e = sub.add_parser("eval", help="evaluate a model on a task's held-out split or a JSONL file")
+    _add_model(e)
+    e.add_argument("--task", help="built-in task; with --data, a file of that task's own rows")
+    e.add_argument("--data", help="JSONL to evaluate (prompt/completion lines, or the task's rows with --task)")
+    e.add_argument("--data-dir")
+    e.add_argument("--limit", type=int, help="evaluate the first K items only")
+    e.add_argument("--metric", help="primary metric (default: the task's own)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, help="generation length for generative tasks")
+    e.add_argument("--bertscore-encoder", help="local encoder folder for BERTScore (default: the packaged MiniLM)")
+    e.add_argument("--train-data", help="your training JSONL: refuse to evaluate on examples that overlap it")
+    e.add_argument("--seed", type=int, default=0, help="seed of the deterministic task split")
+    e.add_argument("--details", action="store_true", help="keep per-item results in --out")
+    e.add_argument("--out", help="JSON file for the result")
+    e.add_argument("--overwrite", action="store_true")
+
     ru = sub.add_parser("run", help="the whole pipeline from one YAML config (see docs/config.md)")
     ru.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     ru.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.max_steps=50")
@@ -133,6 +149,17 @@ def _run(args) -> int:
                        allow_pickle=args.allow_pickle)
         print(f"wrote {args.out} ({rec['optimizer_steps']} optimizer steps, {rec['wall_seconds']:.0f} s, "
               f"final loss {rec['final_loss']:.4f})")
+    elif args.command == "eval":
+        from .evaluation import evaluate
+
+        res = evaluate(args.model, task=args.task, data=args.data, data_dir=args.data_dir, limit=args.limit,
+                       metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       encoder=args.bertscore_encoder, train_data=args.train_data, seed=args.seed,
+                       details=args.details, out=args.out, overwrite=args.overwrite,
+                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        extra = ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items() if isinstance(v, (int, float)))
+        print(f"{res['task'] or res['data']}: {res['metric']} = {res['value']:.4f} on {res['n']} items; {extra}"
+              + (f"; wrote {args.out}" if args.out else ""))
     elif args.command == "run":
         from .config import load_config
         from .pipeline import run

@@ -70,6 +70,7 @@ class RunConfig:
     model: str = "smollm2-135m"  # local folder, .gguf, alias or Hub id
     task: str | None = "arc_easy"  # built-in task, or None with data
     data: str | None = None      # JSONL of prompt/completion lines (instead of task)
+    eval_data: str | None = None  # held-out JSONL to evaluate on (required with data; must not overlap it)
     data_dir: str | None = None  # task data folder (default: $GRADPRUNER_DATA_DIR or ../shared/data)
     out: str = "runs/run"        # run folder: every stage writes here
     seed: int = 0
@@ -185,6 +186,8 @@ def _check(cfg: RunConfig) -> list[str]:
     out = []
     if (cfg.task is None) == (cfg.data is None):
         out.append("Give exactly one of the config keys task and data (set the other to null).")
+    if cfg.data is not None and cfg.eval_data is None:
+        out.append("With data, give eval_data too: a held-out JSONL that shares no example with data.")
     if (cfg.plan.prune is None) == (cfg.plan.target_params is None):
         out.append("Give exactly one of plan.prune and plan.target_params (set the other to null).")
     if cfg.finetune.mode not in ("lora", "full"):

@@ -61,14 +61,18 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
     return row, None
 
 
-def _convert_file(path: Path, convert: Callable[[dict], Example], fix: str) -> list[Example]:
-    """Read ``path`` and convert every row, raising one error that lists all bad lines."""
+def _convert_file(path: Path, convert: Callable[[dict], object], fix: str) -> list:
+    """Read ``path`` and convert every row, raising one error that lists all bad lines.
+
+    ``convert`` usually makes an ``Example`` (then an empty completion is a bad line too); evaluation
+    passes converters that make evaluation items.
+    """
     problems: list[str] = []
-    examples: list[Example] = []
+    examples: list = []
     for lineno, row in _read_jsonl_rows(path, problems):
         try:
             example = convert(row)
-            if not example.completion.strip():
+            if isinstance(example, Example) and not example.completion.strip():
                 raise _RowError("has an empty completion")
         except (ValueError, LookupError, TypeError, AttributeError) as e:
             why = f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
@@ -147,6 +151,16 @@ def load_task(name: str, split: str = "train", data_dir: str | Path | None = Non
     train and eval are then disjoint parts of one file, and the same seed always gives the same parts.
     """
     spec: TaskSpec = lookup(TASKS, name, "task")
+    return load_task_rows(name, split, spec.to_example, data_dir, seed)
+
+
+def load_task_rows(name: str, split: str, convert: Callable[[dict], object],
+                   data_dir: str | Path | None = None, seed: int = 0) -> list:
+    """Like ``load_task`` but each row of the split becomes ``convert(row)`` (e.g. an evaluation item).
+
+    The rows and their order are exactly those ``load_task`` turns into examples.
+    """
+    spec: TaskSpec = lookup(TASKS, name, "task")
     _check_split(split)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     if root is None:
@@ -155,15 +169,19 @@ def load_task(name: str, split: str = "train", data_dir: str | Path | None = Non
     if not root.is_dir():
         raise GradPrunerError(f"Data directory {root} does not exist; {_DIR_HINT}.")
     files = spec.eval_files if (split == "eval" and spec.eval_files) else spec.train_files
-    fix = f"the {name} file should hold the original dataset rows, one JSON object per line"
-    examples: list[Example] = []
+    examples: list = []
     for rel in files:
         _require_file(root / rel, f"Task file for {name!r}", _DIR_HINT)
-        examples.extend(_convert_file(root / rel, spec.to_example, fix))
+        examples.extend(_convert_file(root / rel, convert, task_fix(name)))
     if spec.eval_files:
         return examples
     train_idx, eval_idx = split_indices(len(examples), seed, spec.eval_fraction)
     return [examples[i] for i in (train_idx if split == "train" else eval_idx)]
+
+
+def task_fix(name: str) -> str:
+    """What to do about a bad line of a ``name`` task file."""
+    return f"the {name} file should hold the original dataset rows, one JSON object per line"
 
 
 def load_examples(task: str | None = None, data: str | Path | None = None, split: str = "train",

@@ -27,6 +27,7 @@ from .data import PadCollator, load_examples, tokenize
 from .errors import GradPrunerError, lookup
 from .models import load_config, load_model, load_tokenizer, resolve_model
 from .surgery import save_model
+from .tasks import SPLIT_SEED
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ MODES = {"lora": "LoRA on every decoder-layer linear, merged into the weights af
 # zero and needs a much larger step to move in the same number of steps, hence 2e-4 (the usual LoRA lr).
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-SPLIT_SEED = 0  # the task train/eval split is fixed, so evaluation never sees a training example
 RUN_FILE = "finetune_run.json"  # in the checkpoints folder: what the checkpoints were made with
 _NO_EFFECT = ("save_steps", "logging_steps")  # may change between a run and its resumption
 

@@ -18,6 +18,7 @@ from . import api
 from .atomic import read_json, write_json
 from .config import RunConfig, dump_config
 from .costs import flops_per_token, measure, param_counts
+from .tasks import SPLIT_SEED
 
 log = logging.getLogger(__name__)
 EVALS = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
@@ -35,7 +36,8 @@ class Run:
         self.dir = Path(cfg.out)
         self.stages_dir = self.dir / "stages"
         self.stages_dir.mkdir(parents=True, exist_ok=True)
-        data = {"model": cfg.model, "task": cfg.task, "data": cfg.data, "data_dir": cfg.data_dir, "seed": cfg.seed}
+        data = {"model": cfg.model, "task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data,
+                "data_dir": cfg.data_dir, "seed": cfg.seed}
         self.keys = {"data": _key(data)}
         self.keys["score"] = _key(self.keys["data"], asdict(cfg.score))
         self.keys["plan"] = _key(self.keys["score"], asdict(cfg.plan))
@@ -120,8 +122,9 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
 
     source = resolve_model(model)
     m, tok = load_model(source), load_tokenizer(source)
-    res = evaluate(m, tok, task=cfg.task, data=cfg.data, data_dir=cfg.data_dir, seed=cfg.seed,
-                   limit=cfg.eval.limit, batch_size=cfg.eval.batch_size, encoder=cfg.eval.encoder)
+    res = evaluate(m, tok, task=cfg.task, data=cfg.eval_data, train_data=cfg.data, data_dir=cfg.data_dir,
+                   seed=SPLIT_SEED, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size, encoder=cfg.eval.encoder,
+                   progress=True)
     res.update({"model": str(model), "params": param_counts(m), "flops_per_token": flops_per_token(m),
                 "latency": latency(m)})
     write_json(out, res)

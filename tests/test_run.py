@@ -1,0 +1,113 @@
+"""`gradpruner run` end to end on a tiny model: every stage, the report, caching and resuming."""
+import json
+
+import pytest
+import yaml
+
+from gradpruner.cli import main
+from gradpruner.config import load_config
+from gradpruner.pipeline import run
+
+
+def _config(tmp_path, model, **extra) -> dict:
+    cfg = {
+        "model": str(model), "task": "arc_easy", "out": str(tmp_path / "run"), "seed": 0,
+        "score": {"steps": 3, "batch_size": 4, "max_length": 96, "lr": 1e-3},
+        "plan": {"prune": 3, "merge": 1},
+        "finetune": {"mode": "lora", "max_steps": 3, "batch_size": 4, "max_length": 96, "limit": 64},
+        "eval": {"limit": 6, "batch_size": 6},
+    }
+    cfg.update(extra)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _stages_run(log):
+    return [line.split("→ ")[1] for line in log if "→ " in line]
+
+
+@pytest.fixture()
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP spinning on a loaded machine
+    yield
+    torch.set_num_threads(n)
+
+
+def test_run_end_to_end_then_cached_then_partial_rerun(tiny_llama, tmp_path, one_thread):
+    path = _config(tmp_path, tiny_llama)
+    log: list[str] = []
+    report = run(load_config(path), echo=log.append)
+    d = tmp_path / "run"
+    assert _stages_run(log) == ["dense_ft", "score", "plan", "prune", "pruned_ft", "eval_dense_zero_shot",
+                                "eval_dense_ft", "eval_pruned", "eval_pruned_ft"]
+    for name in ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft"):
+        e = json.loads((d / "eval" / f"{name}.json").read_text())
+        assert e["task"] == "arc_easy" and e["n"] == 6 and e["metric"] == "acc" and 0 <= e["value"] <= 1
+    pr = json.loads((d / "eval" / "pruned_ft.json").read_text())
+    de = json.loads((d / "eval" / "dense_ft.json").read_text())
+    assert pr["params"]["num_layers"] == 5 and pr["flops_per_token"]["flops"] < de["flops_per_token"]["flops"]
+    text = report.read_text()
+    for needle in ("GradPruner (pruned + fine-tuned)", "dense, fine-tuned", "Cost of every stage", "GradPruner path",
+                   "![IGIA layer scores](layer_scores.png)", "merge: 1"):
+        assert needle in text
+    html = (d / "report.html").read_text()
+    assert "data:image/png;base64," in html and "<table>" in html
+    stage = json.loads((d / "stages" / "pruned_ft.json").read_text())
+    assert stage["usage"]["seconds"] > 0 and stage["usage"]["peak_rss_mb"] > 0
+
+    log.clear()
+    run(load_config(path), echo=log.append)
+    assert _stages_run(log) == []  # everything up to date
+
+    log.clear()
+    run(load_config(path, ["plan.merge=0"]), echo=log.append)
+    assert _stages_run(log) == ["plan", "prune", "pruned_ft", "eval_pruned", "eval_pruned_ft"]
+    assert json.loads((d / "plan.json").read_text())["merge"] == {}
+
+
+def test_interrupted_run_resumes_where_it_stopped(tiny_llama, tmp_path, monkeypatch, one_thread):
+    from gradpruner import pipeline
+
+    path = _config(tmp_path, tiny_llama, finetune={"mode": "lora", "max_steps": 2, "batch_size": 4,
+                                                  "max_length": 96, "limit": 32, "dense_baseline": False})
+    real = pipeline._prune
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_prune", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(path), echo=lambda s: None)
+    assert not (tmp_path / "run" / "pruned").exists()
+    monkeypatch.setattr(pipeline, "_prune", real)
+    log: list[str] = []
+    run(load_config(path), echo=log.append)
+    assert _stages_run(log)[:2] == ["prune", "pruned_ft"] and "score" not in _stages_run(log)
+
+
+def test_cli_run_with_overrides_and_bad_key(tiny_llama, tmp_path, capsys, one_thread):
+    path = _config(tmp_path, tiny_llama, finetune={"mode": "lora", "max_steps": 2, "batch_size": 4,
+                                                  "max_length": 96, "limit": 32, "dense_baseline": False})
+    assert main(["run", str(path), "eval.zero_shot_dense=false", "eval.pruned_no_finetune=false"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "eval").iterdir()) == ["pruned_ft.json"]
+    assert main(["run", str(path), "plan.merj=1"]) == 2
+    err = capsys.readouterr().err
+    assert "'plan.merj'" in err and "Did you mean 'merge'" in err
+
+
+def test_data_runs_need_a_disjoint_eval_file(tiny_llama, qa_file, tmp_path, capsys):
+    path = _config(tmp_path, tiny_llama, task=None, data=str(qa_file))
+    assert main(["run", str(path)]) == 2
+    assert "eval_data" in capsys.readouterr().err
+    assert main(["run", str(path), f"eval_data={qa_file}"]) == 2
+    assert "overlap" in capsys.readouterr().err.lower()
+
+
+def test_demo_config_file_matches_the_demo():
+    from gradpruner.demo import demo_config
+
+    assert load_config("configs/demo.yaml") == demo_config("runs/demo")
