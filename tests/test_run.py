@@ -40,7 +40,7 @@ def one_thread():
 def test_run_end_to_end_then_cached_then_partial_rerun(tiny_llama, tmp_path, one_thread):
     path = _config(tmp_path, tiny_llama)
     log: list[str] = []
-    report = run(load_config(path), echo=log.append)
+    report = run(load_config(path), echo=log.append, isolate=False)
     d = tmp_path / "run"
     assert _stages_run(log) == ["dense_ft", "score", "plan", "prune", "pruned_ft", "eval_dense_zero_shot",
                                 "eval_dense_ft", "eval_pruned", "eval_pruned_ft"]
@@ -60,11 +60,11 @@ def test_run_end_to_end_then_cached_then_partial_rerun(tiny_llama, tmp_path, one
     assert stage["usage"]["seconds"] > 0 and stage["usage"]["peak_rss_mb"] > 0
 
     log.clear()
-    run(load_config(path), echo=log.append)
+    run(load_config(path), echo=log.append, isolate=False)
     assert _stages_run(log) == []  # everything up to date
 
     log.clear()
-    run(load_config(path, ["plan.merge=0"]), echo=log.append)
+    run(load_config(path, ["plan.merge=0"]), echo=log.append, isolate=False)
     assert _stages_run(log) == ["plan", "prune", "pruned_ft", "eval_pruned", "eval_pruned_ft"]
     assert json.loads((d / "plan.json").read_text())["merge"] == {}
 
@@ -81,11 +81,11 @@ def test_interrupted_run_resumes_where_it_stopped(tiny_llama, tmp_path, monkeypa
 
     monkeypatch.setattr(pipeline, "_prune", crash)
     with pytest.raises(KeyboardInterrupt):
-        run(load_config(path), echo=lambda s: None)
+        run(load_config(path), echo=lambda s: None, isolate=False)
     assert not (tmp_path / "run" / "pruned").exists()
     monkeypatch.setattr(pipeline, "_prune", real)
     log: list[str] = []
-    run(load_config(path), echo=log.append)
+    run(load_config(path), echo=log.append, isolate=False)
     assert _stages_run(log)[:2] == ["prune", "pruned_ft"] and "score" not in _stages_run(log)
 
 

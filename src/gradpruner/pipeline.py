@@ -31,8 +31,8 @@ def _key(*parts) -> str:
 class Run:
     """The run folder, its stage records and the chain of stage keys."""
 
-    def __init__(self, cfg: RunConfig, echo=print):
-        self.cfg, self.echo = cfg, echo
+    def __init__(self, cfg: RunConfig, echo=print, isolate: bool = True):
+        self.cfg, self.echo, self.isolate = cfg, echo, isolate
         self.dir = Path(cfg.out)
         self.stages_dir = self.dir / "stages"
         self.stages_dir.mkdir(parents=True, exist_ok=True)
@@ -71,12 +71,56 @@ class Run:
         started = self.stages_dir / f"{stage}.started.json"
         fresh = not started.is_file() or json.loads(started.read_text()).get("key") != self.keys[stage]
         write_json(started, {"key": self.keys[stage]})
-        with measure() as usage:
-            result = fn(*args, fresh=fresh, **kwargs)
-        write_json(self.record(stage), {"key": self.keys[stage], "usage": usage.as_dict(), "result": result})
+        if self.isolate:
+            result, usage = _in_child(fn, args, {**kwargs, "fresh": fresh}, self.stages_dir / f".{stage}.result.json")
+        else:
+            with measure() as u:
+                result = fn(*args, fresh=fresh, **kwargs)
+            usage = u.as_dict()
+        write_json(self.record(stage), {"key": self.keys[stage], "usage": usage, "result": result})
         started.unlink(missing_ok=True)
-        self.echo(f"    {stage}: {usage.seconds:.0f} s, peak RSS {usage.peak_rss_mb:.0f} MiB")
+        self.echo(f"    {stage}: {usage['seconds']:.0f} s, peak RSS {usage['peak_rss_mb']:.0f} MiB")
         return result
+
+
+def _child_main(fn, args, kwargs, result_path: str) -> None:
+    """Run one stage in a fresh process, so its peak memory is its own and nothing lingers."""
+    import resource
+
+    from .errors import GradPrunerError
+
+    try:
+        with measure() as u:
+            result = fn(*args, **kwargs)
+        usage = u.as_dict()
+        usage["peak_rss_mb"] = round(max(usage["peak_rss_mb"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), 1)
+        write_json(result_path, {"result": result, "usage": usage})
+    except GradPrunerError as exc:
+        write_json(result_path, {"error": exc.problems})
+
+
+def _in_child(fn, args, kwargs, result_path: Path):
+    import multiprocessing
+
+    from .errors import GradPrunerError
+
+    result_path.unlink(missing_ok=True)
+    proc = multiprocessing.get_context("spawn").Process(target=_child_main, args=(fn, args, kwargs, str(result_path)))
+    proc.start()
+    try:
+        proc.join()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.join()
+        raise
+    if not result_path.is_file():
+        raise GradPrunerError(f"Stage process stopped with exit code {proc.exitcode} before finishing; "
+                              "see the messages above, then rerun (finished stages are kept).")
+    out = json.loads(result_path.read_text())
+    result_path.unlink()
+    if "error" in out:
+        raise GradPrunerError(*out["error"])
+    return out["result"], out["usage"]
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -131,11 +175,15 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     return {"metric": res["metric"], "value": res["value"], "n": res["n"]}
 
 
-def run(cfg: RunConfig, echo=print) -> Path:
-    """Run every stage that is not up to date; return the report path."""
+def run(cfg: RunConfig, echo=print, isolate: bool = True) -> Path:
+    """Run every stage that is not up to date; return the report path.
+
+    With ``isolate`` (the default) each stage runs in its own process, so the peak memory recorded
+    for a stage is that stage's alone and memory does not accumulate across stages.
+    """
     from .report import write_report
 
-    r = Run(cfg, echo)
+    r = Run(cfg, echo, isolate)
     d = r.dir
     (d / "config.yaml").write_text(dump_config(cfg))
     echo(f"run folder {d}")
