@@ -13,6 +13,8 @@ from .reporting import plot_bars, plot_layer_scores
 ROWS = [("dense_zero_shot", "dense, zero-shot"), ("dense_ft", "dense, fine-tuned"),
         ("pruned", "pruned, no fine-tune"), ("pruned_ft", "GradPruner (pruned + fine-tuned)")]
 GRADPRUNER_PATH = ("score", "plan", "prune", "pruned_ft")
+STAGE_ORDER = ("dense_ft", "score", "plan", "prune", "pruned_ft", "eval_dense_zero_shot", "eval_dense_ft",
+               "eval_pruned", "eval_pruned_ft")
 
 
 def _load(path: Path):
@@ -46,15 +48,18 @@ def _results_table(evals: dict) -> list[list[str]]:
 
 def _cost_table(stages: dict) -> tuple[list[list[str]], str]:
     rows = [["stage", "seconds", "peak RSS MiB"]]
-    for name, rec in stages.items():
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    for name, rec in sorted(stages.items(), key=lambda kv: order.get(kv[0], len(order))):
         u = rec.get("usage", {})
         rows.append([name, _fmt(u.get("seconds"), 1), _fmt(u.get("peak_rss_mb"), 0)])
     gp = sum(stages[s]["usage"]["seconds"] for s in GRADPRUNER_PATH if s in stages)
     note = ""
     if "dense_ft" in stages and all(s in stages for s in GRADPRUNER_PATH):
         dense = stages["dense_ft"]["usage"]["seconds"]
+        ft = stages["pruned_ft"]["usage"]["seconds"] / dense
         note = (f"GradPruner path (score + plan + prune + fine-tune pruned): {gp:.0f} s; dense path "
-                f"(fine-tune dense): {dense:.0f} s; ratio {gp / dense:.2f}. The early scoring steps are counted in the "
+                f"(fine-tune dense): {dense:.0f} s; ratio {gp / dense:.2f} (fine-tuning alone: pruned/dense "
+                f"{ft:.2f}). The early scoring steps are counted in the "
                 "GradPruner path. Times from this run only (stages that were skipped keep the time of the run that made them).")
     return rows, note
 
