@@ -318,3 +318,37 @@ def test_pad_collator(tok):
     assert batch["input_ids"][1].tolist() == feats[1]["input_ids"]
     with pytest.raises(GradPrunerError, match="pad token"):
         PadCollator(None)
+
+
+def test_tasks_read_from_the_hub_for_users_with_the_network(monkeypatch):
+    """`--data-dir hub` reads the Hub dataset (here a stand-in) through the same row converters."""
+    import datasets
+
+    calls = []
+    arc_row = {"id": "q1", "question": "Which is a metal?", "choices": {"text": ["wood", "iron"], "label": ["A", "B"]},
+               "answerKey": "B"}
+    pubmed_row = {"pubid": 1, "question": "Does it work?", "context": {"contexts": ["Some", "context"]},
+                  "long_answer": "It does.", "final_decision": "yes"}
+
+    def fake_load(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [arc_row] * 3 if path == "allenai/ai2_arc" else [dict(pubmed_row, pubid=i) for i in range(10)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    train = load_task("arc_easy", "train", data_dir="hub")
+    assert train[0].completion == " iron" and calls[-1] == ("allenai/ai2_arc", "ARC-Easy", "train")
+    load_task("arc_easy", "eval", data_dir="hub")
+    assert calls[-1][2] == "validation"
+    tr, ev = load_task("pubmedqa", "train", data_dir="hub"), load_task("pubmedqa", "eval", data_dir="hub")
+    assert len(tr) + len(ev) == 10 and tr[0].completion.startswith(" yes. It does.")  # deterministic split
+
+
+def test_hub_failure_is_one_clear_sentence(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("Couldn't reach the Hub\nlong trace")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(GradPrunerError, match="Could not read task 'piqa' from the Hub dataset ybisk/piqa"):
+        load_task("piqa", "train", data_dir="hub")

@@ -21,11 +21,13 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "eval")
 IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 _MAX_REPORTED = 10  # bad lines listed one by one before "and N more"
-_DIR_HINT = "pass the folder holding the offline datasets with --data-dir (or set GRADPRUNER_DATA_DIR)"
+_DIR_HINT = ("pass the folder holding the offline datasets with --data-dir (or set GRADPRUNER_DATA_DIR), "
+             "or --data-dir hub to read the task from the Hugging Face Hub")
+HUB = "hub"  # --data-dir value that reads tasks from the Hub
 _GENERIC_FORMAT = 'each line must be {"prompt": "...", "completion": "..."} or {"text": "..."}'
 
 
-from .tasks import TASKS, Example, TaskSpec, _json_type, _RowError, _str, split_indices  # noqa: F401 (re-exported)
+from .tasks import HUB_SOURCES, TASKS, Example, TaskSpec, _json_type, _RowError, _str, split_indices  # noqa: F401 (re-exported)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -162,10 +164,9 @@ def load_task_rows(name: str, split: str, convert: Callable[[dict], object],
     """
     spec: TaskSpec = lookup(TASKS, name, "task")
     _check_split(split)
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
-    if root is None:
-        raise GradPrunerError("No data directory was found (looked for ../shared/data next to the "
-                              "working directory and the repository); " + _DIR_HINT + ".")
+    root = Path(data_dir) if data_dir not in (None, HUB) else default_data_dir()
+    if data_dir == HUB or root is None:
+        return [_convert_hub_row(name, i, row, convert) for i, row in enumerate(_hub_rows(name, split, seed))]
     if not root.is_dir():
         raise GradPrunerError(f"Data directory {root} does not exist; {_DIR_HINT}.")
     files = spec.eval_files if (split == "eval" and spec.eval_files) else spec.train_files
@@ -177,6 +178,36 @@ def load_task_rows(name: str, split: str, convert: Callable[[dict], object],
         return examples
     train_idx, eval_idx = split_indices(len(examples), seed, spec.eval_fraction)
     return [examples[i] for i in (train_idx if split == "train" else eval_idx)]
+
+
+def _hub_rows(name: str, split: str, seed: int) -> list[dict]:
+    """The task's rows from the Hugging Face Hub, for users with the network (``--data-dir hub``)."""
+    src = HUB_SOURCES[name]
+    try:
+        import datasets
+    except ImportError:
+        raise GradPrunerError(f"Task {name!r}: no data directory was found and the `datasets` package is not "
+                              f"installed to read it from the Hub; {_DIR_HINT}.") from None
+    hub_split = src.eval if (split == "eval" and src.eval) else src.train
+    try:
+        rows = [src.adapt(dict(r)) if src.adapt else dict(r) for r in datasets.load_dataset(src.path, src.name, split=hub_split)]
+    except Exception as exc:  # network, missing dataset, changed schema: all end the same way
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GradPrunerError(f"Could not read task {name!r} from the Hub dataset {src.path} ({first}); "
+                              f"{_DIR_HINT}.") from None
+    if src.eval:
+        return rows
+    train_idx, eval_idx = split_indices(len(rows), seed, TASKS[name].eval_fraction)
+    return [rows[i] for i in (train_idx if split == "train" else eval_idx)]
+
+
+def _convert_hub_row(name: str, index: int, row: dict, convert):
+    try:
+        return convert(row)
+    except (ValueError, LookupError, TypeError, AttributeError) as e:
+        why = f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+        raise GradPrunerError(f"Hub row {index} of task {name!r} {why}; the Hub dataset may have changed, "
+                              "use --data-dir with the offline files.") from None
 
 
 def task_fix(name: str) -> str:

@@ -295,6 +295,38 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class HubSource:
+    """Where a user with the network finds a task on the Hugging Face Hub.
+
+    ``eval`` None means the Hub has no held-out split we use, so ``train`` is split deterministically;
+    ``adapt`` renames a Hub row's fields to those of the offline files, so one converter serves both.
+    """
+
+    path: str
+    name: str | None = None
+    train: str = "train"
+    eval: str | None = None
+    adapt: Callable[[dict], dict] | None = None
+
+
+def _pubmedqa_from_hub(row: dict) -> dict:
+    return {"QUESTION": row["question"], "CONTEXTS": list(row["context"]["contexts"]),
+            "LONG_ANSWER": row["long_answer"], "final_decision": row["final_decision"]}
+
+
+HUB_SOURCES: dict[str, HubSource] = {
+    "arc_easy": HubSource("allenai/ai2_arc", "ARC-Easy", "train", "validation"),
+    "piqa": HubSource("ybisk/piqa", None, "train", "validation"),
+    "hellaswag": HubSource("Rowan/hellaswag", None, "train", "validation"),
+    "winogrande": HubSource("allenai/winogrande", "winogrande_xl", "train", "validation"),
+    "medmcqa": HubSource("openlifescienceai/medmcqa", None, "train", "validation"),
+    "pubmedqa": HubSource("qiaojin/PubMedQA", "pqa_labeled", "train", None, _pubmedqa_from_hub),
+    "fingpt_sentiment": HubSource("FinGPT/fingpt-sentiment-train", None, "train", None),
+    "billsum": HubSource("FiscalNote/billsum", None, "train", "test"),
+}
+
+
 def split_indices(n: int, seed: int, eval_fraction: float = 0.2) -> tuple[list[int], list[int]]:
     """Disjoint (train, eval) index lists covering ``range(n)``, each in ascending order.
 
