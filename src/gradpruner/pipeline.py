@@ -137,6 +137,7 @@ def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     if fresh:  # checkpoints from another config must not be resumed
         shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
     rec = finetune(model, out, **_data_args(cfg), config=ft, resume=not fresh, overwrite=True)
+    write_json(out.with_name(f"{out.name}_finetune.json"), rec)  # the loss curve, kept beside the checkpoint
     return {k: rec.get(k) for k in ("optimizer_steps", "train_examples", "wall_seconds", "peak_rss_mib", "final_loss")}
 
 
