@@ -17,7 +17,7 @@ from pathlib import Path
 from . import api
 from .atomic import read_json, write_json
 from .config import RunConfig, dump_config
-from .costs import flops_per_token, measure, param_counts
+from .costs import flops_per_token, latency, measure, param_counts
 from .tasks import SPLIT_SEED
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,6 @@ def _prune(cfg: RunConfig, plan: Path, out: Path, fresh: bool) -> dict:
 def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     from .evaluation import evaluate
     from .models import load_model, load_tokenizer, resolve_model
-    from .costs import latency
 
     source = resolve_model(model)
     m, tok = load_model(source), load_tokenizer(source)
