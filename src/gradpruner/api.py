@@ -16,6 +16,7 @@ import torch
 from . import __version__, architectures, planning
 from .atomic import atomic_dir, check_output, read_json, write_json
 from .capture import IGIACallback
+from .costs import param_counts
 from .data import PadCollator, load_examples, tokenize
 from .errors import GradPrunerError, lookup
 from .models import load_config, load_model, load_tokenizer, resolve_model
@@ -44,9 +45,7 @@ def resolve_steps(steps: int | None, fraction: float | None = None, planned: int
 def layer_param_counts(model) -> tuple[list[int], int]:
     """Parameters per decoder layer and in the whole model (tied weights counted once)."""
     _, _, layers = architectures.find_decoder_layers(model)
-    per_layer = [sum(p.numel() for p in layer.parameters()) for layer in layers]
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return per_layer, total
+    return [sum(p.numel() for p in layer.parameters()) for layer in layers], param_counts(model)["total"]
 
 
 def _versions() -> dict:

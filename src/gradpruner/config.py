@@ -6,6 +6,7 @@ run's outputs. Documented key by key in docs/config.md.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import asdict, dataclass, field, fields
@@ -165,6 +166,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise GradPrunerError(f"Config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file.") from None
         if not isinstance(data, dict):
             raise GradPrunerError(f"Config file {path} must hold a mapping of keys, not a {type(data).__name__}.")
+    return config_from_dict(data, overrides)
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> RunConfig:
+    """Validate a config mapping (as read from YAML) after applying ``key=value`` overrides."""
+    data = copy.deepcopy(data)
     for text in overrides:
         keys, value = parse_override(text)
         node = data

@@ -9,7 +9,8 @@ import json
 import time
 from pathlib import Path
 
-from .config import EvalConfig, FinetuneStageConfig, PlanConfig, PruneConfig, RunConfig, ScoreConfig, load_config
+from .config import (EvalConfig, FinetuneStageConfig, PlanConfig, PruneConfig, RunConfig, ScoreConfig,
+                     config_from_dict)
 from .pipeline import run
 
 
@@ -23,17 +24,7 @@ def demo_config(out: str = "runs/demo", overrides: list[str] = ()) -> RunConfig:
         finetune=FinetuneStageConfig(mode="lora", max_steps=100, batch_size=8, lr=2e-4, dense_baseline=True),
         eval=EvalConfig(limit=200),
     )
-    if overrides:
-        import yaml
-
-        tmp = Path(out).with_suffix(".demo-config.yaml")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(yaml.safe_dump(cfg.to_dict()))
-        try:
-            cfg = load_config(tmp, overrides)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return cfg
+    return config_from_dict(cfg.to_dict(), overrides) if overrides else cfg
 
 
 def summary_table(run_dir: Path) -> str:
