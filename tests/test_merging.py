@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from gradpruner.errors import GradPrunerError
-from gradpruner.merging import (MERGE_RULES, fisher, merge_module, sign_mean, sign_sum,
-                                sparsify)
+from gradpruner.merging import (MERGE_RULES, TRIM, fisher, laco, magnitude_trim, merge_layers,
+                                merge_module, needs_igia, none, sign_mean, sign_sum, sparsify, ties,
+                                weighted_average)
 
 
 def T(rows):
@@ -237,3 +238,170 @@ def test_merge_module_density_error():
 def test_unknown_rule_did_you_mean():
     with pytest.raises(GradPrunerError, match="Unknown merge rule 'sign_meen'.*Did you mean 'sign_mean'"):
         merge_module(torch.ones(2), [], "sign_meen", 0.2)
+
+
+# ---------------------------------------------------------------- weighted_average, ties, none, laco
+
+
+def test_registry_and_needs_igia():
+    assert set(MERGE_RULES) == set(TRIM) == {"sign_sum", "sign_mean", "fisher", "weighted_average",
+                                             "ties", "none", "laco"}
+    assert {r for r in MERGE_RULES if needs_igia(r)} == {"sign_sum", "sign_mean", "fisher",
+                                                         "weighted_average"}
+    with pytest.raises(GradPrunerError, match="Unknown merge rule 'lacoo'.*Did you mean 'laco'"):
+        needs_igia("lacoo")
+
+
+def test_weighted_average_by_hand():
+    w_dst = T([2.0, -2.0, 2.0, 0.0, 2.0])
+    a = T([4.0, 1.0, 0.0, 3.0, 6.0])
+    b = T([0.0, -4.0, 0.0, 3.0, 1.0])
+    out = weighted_average(w_dst, [(a, None), (b, None)])
+    # entry 1: a = +1 is opposite to W_dst = −2 and still averaged (sign_mean would skip it):
+    # (−2 + 1 − 4)/3; entry 2: no source selected -> W_dst; entry 3: W_dst = 0 is averaged too.
+    expected = T([(2 + 4) / 2, (-2 + 1 - 4) / 3, 2.0, (0 + 3 + 3) / 3, (2 + 6 + 1) / 3])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert not torch.equal(out, sign_mean(w_dst, [(a, None), (b, None)]))
+    # through merge_module the sources are IGIA-sparsified first: F keeps a's entries 0 and 1 only
+    f = T([5.0, 4.0, 0.0, 1.0, 0.0])
+    new, stats = merge_module(w_dst, [(a, f)], "weighted_average", 0.4)
+    assert torch.equal(new, T([3.0, -0.5, 2.0, 0.0, 2.0]))
+    assert stats["kept_per_source"] == [2] and stats["merged_per_source"] == [2]
+
+
+# TIES by hand, 3×3, density 4/9 -> k = 4 entries of each source kept by |W|; W_dst is not trimmed.
+TIES_DST = T([[1.0, -2.0, 3.0], [2.5, 1.0, -1.0], [2.0, 2.0, -4.0]])
+TIES_A = T([[3.0, 1.0, -5.0], [2.0, -0.5, 4.0], [-0.1, 6.0, 0.2]])  # top |A|: 6, 5, 4, 3
+TIES_B = T([[-2.0, -3.0, 0.5], [-2.5, 0.3, 0.1], [-6.0, 0.2, -7.0]])  # top |B|: 7, 6, 3, 2.5
+TIES_A_HAT = T([[3.0, 0.0, -5.0], [0.0, 0.0, 4.0], [0.0, 6.0, 0.0]])
+TIES_B_HAT = T([[0.0, -3.0, 0.0], [-2.5, 0.0, 0.0], [-6.0, 0.0, -7.0]])
+#  entry  (W_dst, Â, B̂)       sum    s   values with sign s   result
+#  (0,0)  ( 1,    3,  0  )     4     +   1, 3                  2
+#  (0,1)  (−2,    0, −3  )    −5     −   −2, −3               −2.5
+#  (0,2)  ( 3,   −5,  0  )    −2     −   −5 (W_dst outvoted)  −5
+#  (1,0)  ( 2.5,  0, −2.5)     0     0   keep W_dst            2.5
+#  (1,1)  ( 1,    0,  0  )     1     +   1                     1
+#  (1,2)  (−1,    4,  0  )     3     +   4                     4
+#  (2,0)  ( 2,    0, −6  )    −4     −   −6                   −6
+#  (2,1)  ( 2,    6,  0  )     8     +   2, 6                  4
+#  (2,2)  (−4,    0, −7  )   −11     −   −4, −7               −5.5
+TIES_EXPECTED = T([[2.0, -2.5, -5.0], [2.5, 1.0, 4.0], [-6.0, 4.0, -5.5]])
+
+
+def test_ties_by_hand():
+    assert torch.equal(magnitude_trim(TIES_A, 4 / 9), TIES_A_HAT)
+    assert torch.equal(magnitude_trim(TIES_B, 4 / 9), TIES_B_HAT)
+    assert torch.equal(ties(TIES_DST, [(TIES_A_HAT, None), (TIES_B_HAT, None)]), TIES_EXPECTED)
+    new, stats = merge_module(TIES_DST, [(TIES_A, None), (TIES_B, None)], "ties", 4 / 9)
+    assert torch.equal(new, TIES_EXPECTED)
+    # merged = kept entries with the elected sign: Â all 4; B̂ not (1,0), where s = 0
+    assert stats == {"entries": 9, "kept_per_source": [4, 4], "merged_per_source": [4, 3],
+                     "changed_fraction": 7 / 9}
+
+
+def test_magnitude_trim_exact_k_with_ties():
+    w = T([1.0, -3.0, 3.0, -3.0, 2.0])
+    assert torch.equal(magnitude_trim(w, 0.4), T([0.0, -3.0, 3.0, 0.0, 0.0]))
+    with pytest.raises(GradPrunerError, match="weight holds NaN"):
+        magnitude_trim(T([1.0, math.nan]), 0.5)
+
+
+def ref_ties(w_dst, sources):
+    out = []
+    for j, d in enumerate(w_dst.flatten().tolist()):
+        vals = [d] + [w.flatten().tolist()[j] for w in sources]
+        s = sgn(sum(vals))
+        agree = [v for v in vals if v != 0 and sgn(v) == s]
+        out.append(d if s == 0 else sum(agree) / len(agree))
+    return torch.tensor(out, dtype=torch.float64).view_as(w_dst)
+
+
+def test_ties_matches_loop_reference_on_random():
+    g = torch.Generator().manual_seed(7)
+    w_dst = torch.randn(5, 7, generator=g)
+    w_dst[0, :3] = 0.0
+    srcs = [torch.randn(5, 7, generator=g) for _ in range(3)]
+    trimmed = [ref_sparsify(w, w.abs(), 0.3) for w in srcs]
+    new, stats = merge_module(w_dst, [(w, None) for w in srcs], "ties", 0.3)
+    torch.testing.assert_close(new.double(), ref_ties(w_dst, trimmed), rtol=1e-6, atol=1e-6)
+    assert stats["kept_per_source"] == [10, 10, 10]
+
+
+def test_none_returns_unaliased_copy():
+    w_dst = T([[1.0, -2.0], [0.0, 3.0]])
+    src = T([[5.0, 5.0], [0.0, 5.0]])
+    out = none(w_dst, [(src, None)])
+    assert torch.equal(out, w_dst) and out.data_ptr() != w_dst.data_ptr()
+    out[0, 0] = 9.0
+    assert w_dst[0, 0] == 1.0
+    new, stats = merge_module(w_dst, [(src, None)], "none", 0.0)  # density ignored
+    assert torch.equal(new, w_dst) and new.data_ptr() != w_dst.data_ptr()
+    assert stats == {"entries": 4, "kept_per_source": [3], "merged_per_source": [0],
+                     "changed_fraction": 0.0}
+
+
+def test_laco_two_sources_by_hand():
+    w_dst = T([[1.0, 2.0], [3.0, 4.0]])
+    a = T([[2.0, 2.0], [0.0, 5.0]])
+    b = T([[1.0, -1.0], [3.0, 8.0]])
+    # W_dst + (a − W_dst) + (b − W_dst): [[1+1+0, 2+0−3], [3−3+0, 4+1+4]]
+    expected = T([[2.0, -1.0], [0.0, 9.0]])
+    assert torch.equal(laco(w_dst, [(a, None), (b, None)]), expected)
+    assert torch.equal(expected, w_dst + (a - w_dst) + (b - w_dst))
+    for density in (0.01, 1.0, 0.0):  # full sources: density is ignored
+        new, stats = merge_module(w_dst, [(a, None), (b, T([[1.0, 0.0], [0.0, 0.0]]))], "laco", density)
+        assert torch.equal(new, expected)
+    assert stats == {"entries": 4, "kept_per_source": [3, 4], "merged_per_source": [3, 4],
+                     "changed_fraction": 1.0}
+
+
+def test_igia_rule_needs_f_src():
+    for rule in ("sign_sum", "weighted_average"):
+        with pytest.raises(GradPrunerError, match=f"Merge source 0 has no IGIA matrix.*'{rule}'"):
+            merge_module(torch.ones(2), [(torch.ones(2), None)], rule, 0.5)
+
+
+def test_unknown_new_rule_did_you_mean():
+    with pytest.raises(GradPrunerError, match="Unknown merge rule 'weighted_avg'.*'weighted_average'"):
+        merge_module(torch.ones(2), [], "weighted_avg", 0.2)
+
+
+# ---------------------------------------------------------------- merge_layers without IGIA factors
+
+
+def test_merge_layers_laco_without_factors():
+    from helpers import make_tiny_model
+
+    model = make_tiny_model("llama")
+    layers = model.model.layers
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = merge_layers(model, {"3": 2, 4: 2}, None, 0.2, "laco")
+    assert len(stats) == 7  # q, k, v, o, gate, up, down of layer 2
+    for rel, module in layers[2].named_modules():
+        if isinstance(module, torch.nn.Linear):
+            w = {i: before[f"model.layers.{i}.{rel}.weight"] for i in (2, 3, 4)}
+            torch.testing.assert_close(module.weight, w[3] + w[4] - w[2], rtol=1e-6, atol=1e-6)
+            assert not torch.equal(module.weight, w[2])
+            assert stats[f"model.layers.2.{rel}"]["sources"] == [f"model.layers.{i}.{rel}" for i in (3, 4)]
+    after = model.state_dict()
+    for k, v in before.items():
+        if not k.startswith("model.layers.2.") or "norm" in k:
+            assert torch.equal(after[k], v), k
+
+
+def test_merge_layers_rules_without_factors_and_errors():
+    from helpers import make_tiny_model
+
+    model = make_tiny_model("llama", num_layers=4)
+    q = model.model.layers[1].self_attn.q_proj.weight
+    before = q.clone()
+    merge_layers(model, {2: 1}, None, 0.2, "none")
+    assert torch.equal(q, before)
+    merge_layers(model, {2: 1}, None, 0.2, "ties")
+    assert not torch.equal(q, before)
+    for rule in ("sign_sum", "fisher", "weighted_average"):
+        with pytest.raises(GradPrunerError, match=f"merge rule '{rule}' needs the IGIA factors of "
+                                                  "`gradpruner score --method igia`"):
+            merge_layers(model, {2: 1}, None, 0.2, rule)
+    with pytest.raises(GradPrunerError, match="Unknown merge rule 'tie'.*Did you mean 'ties'"):
+        merge_layers(model, {2: 1}, None, 0.2, "tie")

@@ -59,13 +59,27 @@ def _versions() -> dict:
 # --- score ------------------------------------------------------------------------------------
 
 def score(model: str, out: str | Path, task: str | None = None, data: str | Path | None = None,
-          data_dir: str | Path | None = None, steps: int | None = 40, steps_fraction: float | None = None,
+          data_dir: str | Path | None = None, method: str = "igia", steps: int | None = 40,
+          steps_fraction: float | None = None,
           planned_steps: int | None = None, rank: int = 8, alpha: float = 32, lr: float = 1e-4,
           batch_size: int = 8, grad_accum: int = 1, max_length: int = 512, seed: int = 0,
-          lora_dropout: float = 0.0, max_grad_norm: float = 0.0, overwrite: bool = False,
-          trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
-    """Run T LoRA optimizer steps on the task data and write scores.json + igia.safetensors to ``out``."""
+          lora_dropout: float = 0.0, max_grad_norm: float = 0.0, adapter: str = "lora",
+          calib_examples: int = 64, target: int | None = None, options: dict | None = None,
+          overwrite: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+    """Score every decoder layer with ``method`` and write scores.json (+ igia.safetensors for IGIA).
+
+    IGIA methods run T LoRA (or DoRA, ``adapter="dora"``) optimizer steps; the other methods of
+    ``selection.METHODS`` use ``calib_examples`` task examples (or none); ``target`` is the number of
+    layers to remove, which only LaCo needs.
+    """
+    from .selection import METHODS, Context
+
+    spec = lookup(METHODS, method, "scoring method")
     steps = resolve_steps(steps, steps_fraction, planned_steps)
+    if adapter not in ("lora", "dora"):
+        raise GradPrunerError(f"--adapter {adapter!r} is not known; use lora or dora.")
+    if calib_examples < 1:
+        raise GradPrunerError(f"--calib-examples {calib_examples} must be at least 1.")
     if rank < 1 or batch_size < 1 or grad_accum < 1 or batch_size % grad_accum:
         raise GradPrunerError("--rank and --batch-size must be ≥ 1 and --batch-size divisible by --grad-accum; fix the flags.")
     source = resolve_model(model)
@@ -82,21 +96,32 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
         "model": str(source), "model_spec": str(model), "task": task, "data": str(data) if data else None,
         "rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
         "max_length": max_length, "seed": seed, "lora_dropout": lora_dropout, "max_grad_norm": max_grad_norm,
+        "method": method, "adapter": adapter, "calib_examples": calib_examples,
         "train_examples": len(features), "layer_prefix": prefix, "layer_params": layer_params,
         "total_params": total_params, "model_type": base.config.model_type, "versions": _versions(),
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        cb = IGIACallback(tmp, steps=steps, module_layer=module_layer, num_layers=len(layer_params), meta=meta)
-        _train_lora(base, tok, features, names, cb, steps=steps, rank=rank, alpha=alpha, lr=lr,
-                    batch_size=batch_size, grad_accum=grad_accum, seed=seed, dropout=lora_dropout,
-                    max_grad_norm=max_grad_norm, work_dir=tmp / ".trainer")
-        result = read_json(tmp / "scores.json", "Scores file")
-        plot_layer_scores(result["layer_scores"], tmp / "layer_scores.png")
+        if spec.fn is None:  # igia, igia_norm: the LoRA proxy with gradient capture
+            cb = IGIACallback(tmp, steps=steps, module_layer=module_layer, num_layers=len(layer_params), meta=meta)
+            _train_lora(base, tok, features, names, cb, steps=steps, rank=rank, alpha=alpha, lr=lr,
+                        batch_size=batch_size, grad_accum=grad_accum, seed=seed, dropout=lora_dropout,
+                        max_grad_norm=max_grad_norm, adapter=adapter, work_dir=tmp / ".trainer")
+            result = read_json(tmp / "scores.json", "Scores file")
+            result["method"] = method
+            result["layer_scores"] = result["layer_scores_by_rule"][method]
+        else:
+            ctx = Context(base, tok, features, seed=seed, calib_examples=calib_examples, batch_size=batch_size,
+                          steps=steps, lr=lr, target=target, options=dict(options or {}))
+            result = {**meta, "num_layers": len(layer_params), "steps": steps if spec.trains else 0, **spec.fn(ctx)}
+        if not all(math.isfinite(v) for v in result["layer_scores"]):
+            raise GradPrunerError(f"Method {method} produced non-finite layer scores; lower --lr or check the data.")
+        write_json(tmp / "scores.json", result)
+        plot_layer_scores(result["layer_scores"], tmp / "layer_scores.png", title=f"{method} layer scores")
     return result
 
 
 def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr, batch_size, grad_accum,
-                seed, dropout, max_grad_norm, work_dir) -> None:
+                seed, dropout, max_grad_norm, work_dir, adapter="lora") -> None:
     """Attach LoRA to every listed linear module and train ``steps`` optimizer steps with ``callback``."""
     import shutil
 
@@ -104,7 +129,8 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(seed)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none", task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
+                     task_type="CAUSAL_LM", use_dora=adapter == "dora")
     model = get_peft_model(base, cfg)
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=steps, per_device_train_batch_size=batch_size // grad_accum,
@@ -125,13 +151,15 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
 # --- plan -------------------------------------------------------------------------------------
 
 def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_params: float | None = None,
-         merge: int = 0, rule: str = "igia", overwrite: bool = False) -> dict:
+         merge: int = 0, rule: str | None = None, overwrite: bool = False) -> dict:
     """Apply the GUIDE §1.5 rule to a scores file and write plan.json."""
     data = read_json(scores, "Scores file")
     if "layer_scores" not in data:
         raise GradPrunerError(f"Scores file {scores} has no layer_scores; make it with `gradpruner score`.")
-    lookup(SCORE_RULES, rule, "score rule")
-    layer_scores = data["layer_scores"] if rule == "igia" else (data.get("layer_scores_by_rule") or {}).get(rule)
+    if rule is not None:
+        lookup(SCORE_RULES, rule, "score rule")
+    own = rule in (None, data.get("method", "igia"))  # the method's own scores; else an IGIA variant
+    layer_scores = data["layer_scores"] if own else (data.get("layer_scores_by_rule") or {}).get(rule)
     if layer_scores is None:
         raise GradPrunerError(f"Scores file {scores} has no scores for rule {rule!r}; score again with this version of gradpruner.")
     if (prune is None) == (target_params is None):
@@ -142,7 +170,8 @@ def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_p
             raise GradPrunerError(f"Scores file {scores} records no layer_params; use --prune N instead of --target-params.")
         prune = planning.layers_for_target(layer_scores, data["layer_params"], data["total_params"], target_params)
     result = planning.make_plan(layer_scores, prune, merge, data.get("layer_params"), data.get("total_params"))
-    result.update({"scores_file": str(Path(scores).resolve()), "model": data.get("model"), "score_rule": rule})
+    result.update({"scores_file": str(Path(scores).resolve()), "model": data.get("model"),
+                   "method": data.get("method", "igia"), "score_rule": rule or data.get("method", "igia")})
     write_json(out, result)
     return result
 
@@ -153,7 +182,7 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
           density: float = 0.2, merge_rule: str = "sign_sum", overwrite: bool = False,
           trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Merge, remove layers and save a standard checkpoint to ``out`` (GUIDE §1.6–1.7)."""
-    from .merging import MERGE_RULES, merge_layers
+    from .merging import MERGE_RULES, merge_layers, needs_igia
     from .surgery import remove_layers, save_model
 
     lookup(MERGE_RULES, merge_rule, "merge rule")
@@ -164,13 +193,13 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
     config = load_config(source, trust_remote_code)
     the_plan = planning.validate_plan(raw_plan, config.num_hidden_layers)
     check_output(out, overwrite, inputs=(source if isinstance(source, Path) else None,))
-    factors = _factor_path(the_plan, igia, plan) if the_plan["merge"] else None
+    factors = _factor_path(the_plan, igia, plan) if the_plan["merge"] and needs_igia(merge_rule) else None
     if factors is not None:
         _check_factor_names(factors, the_plan, merge_rule)
     model_obj = load_model(source, dtype=getattr(config, "dtype", None) or torch.float32,
                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
-    stats = merge_layers(model_obj, the_plan["merge"], factors, density, merge_rule) if factors else {}
+    stats = merge_layers(model_obj, the_plan["merge"], factors, density, merge_rule) if the_plan["merge"] else {}
     remove_layers(model_obj, the_plan["keep"])
     meta = {"plan": the_plan, "density": density, "merge_rule": merge_rule, "source": str(source),
             "igia": str(factors) if factors else None, "merge_stats": stats, "versions": _versions()}
@@ -186,7 +215,8 @@ def _factor_path(the_plan: dict, igia, plan_arg) -> Path:
         raise GradPrunerError("The plan merges layers but no --igia file was given; pass --igia DIR/igia.safetensors from `gradpruner score`.")
     igia = Path(igia)
     if not igia.is_file():
-        raise GradPrunerError(f"IGIA file {igia} does not exist; pass --igia with the igia.safetensors written by `gradpruner score`.")
+        raise GradPrunerError(f"IGIA file {igia} does not exist, and the merge rule needs it; pass --igia with the "
+                              "igia.safetensors of `gradpruner score --method igia`, or use --merge-rule ties, laco or none.")
     return igia
 
 

@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 import traceback
+from pathlib import Path
 
 from .errors import GradPrunerError
 
@@ -25,8 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("score", help="run T LoRA steps and score every decoder layer (scores.json, igia.safetensors)")
+    s = sub.add_parser("score", help="score every decoder layer: IGIA from T LoRA steps (default) or a baseline method")
     _add_model(s)
+    s.add_argument("--method", default="igia", help="igia (paper, default), igia_norm, full_grad, block_influence, "
+                   "taylor, magnitude, last_n, random or laco; see docs/methods.md")
+    s.add_argument("--adapter", default="lora", help="adapter whose gradients IGIA reads: lora (default) or dora")
+    s.add_argument("--calib-examples", type=int, default=64, help="task examples for block_influence, taylor, laco")
+    s.add_argument("--prune", type=int, help="layers to remove (laco only: when to stop collapsing)")
+    s.add_argument("--laco-group", type=int, default=4, help="laco: layers per collapse (default 4)")
+    s.add_argument("--laco-threshold", type=float, default=0.65, help="laco: minimum cosine similarity (default 0.65)")
     src = s.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help="built-in task name (arc_easy, piqa, hellaswag, winogrande, medmcqa, pubmedqa, fingpt_sentiment, billsum)")
     src.add_argument("--data", help='JSONL file of {"prompt","completion"} or {"text"} lines')
@@ -51,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--prune", type=int, help="number N of decoder layers to remove (merged ones included)")
     how.add_argument("--target-params", type=float, help="fraction of the model's parameters to remove, e.g. 0.4")
     p.add_argument("--merge", type=int, default=0, help="how many of the removed layers to merge (M ≤ N)")
-    p.add_argument("--rule", default="igia", help="score rule: igia (paper, default) or igia_norm (authors' release)")
+    p.add_argument("--rule", help="default: the scores' own method; for IGIA scores also igia or igia_norm (authors' release)")
     _add_out(p, "plan.json to write")
 
     r = sub.add_parser("prune", help="merge and remove layers per plan.json; save a standard checkpoint")
@@ -59,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", required=True, help="plan.json (from `gradpruner plan` or written by hand)")
     r.add_argument("--igia", help="igia.safetensors (default: beside the plan's scores file)")
     r.add_argument("--density", type=float, default=0.2, help="fraction p of a merged module's entries kept (default 0.2)")
-    r.add_argument("--merge-rule", default="sign_sum", help="sign_sum (default, paper Eq. 5), sign_mean (Eq. 6) or fisher (App. B.2)")
+    r.add_argument("--merge-rule", default="sign_sum", help="sign_sum (default, paper Eq. 5), sign_mean (Eq. 6), fisher (App. B.2), weighted_average "
+                   "(Fig. 7), ties, laco or none; see docs/merge_rules.md")
     _add_out(r, "folder for the pruned checkpoint")
 
     f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the task: LoRA merged into the weights, or full")
@@ -103,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     ru.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.max_steps=50")
 
+    c = sub.add_parser("compare", help="a grid of runs (methods × tasks or an ablation) and its comparison table")
+    c.add_argument("config", help="compare config, e.g. configs/compare_methods.yaml (see docs/commands.md#compare)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
+    c.add_argument("--dry-run", action="store_true", help="validate the grid and list its cells, run nothing")
+
+    se = sub.add_parser("sensitivity", help="how soon the IGIA ranking settles (paper Fig. 2) from a scores.json")
+    se.add_argument("scores", help="scores.json of an IGIA scoring run")
+    se.add_argument("--k", type=int, required=True, help="size of the layer set compared (e.g. the layers removed)")
+    se.add_argument("--reference", help="scores.json of a longer run to compare against (default: the last step)")
+    se.add_argument("--which", default="bottom", help="bottom (the k least important, default) or top")
+    se.add_argument("--out", help="folder for sensitivity.json and sensitivity.png")
+
     rp = sub.add_parser("report", help="(re)write report.md and report.html of a run folder")
     rp.add_argument("run_dir")
 
@@ -116,7 +137,10 @@ def _run(args) -> int:
     from . import api
 
     if args.command == "score":
-        res = api.score(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir, steps=args.steps,
+        res = api.score(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir,
+                        method=args.method, adapter=args.adapter, calib_examples=args.calib_examples,
+                        target=args.prune, options={"laco_group": args.laco_group, "laco_threshold": args.laco_threshold},
+                        steps=args.steps,
                         steps_fraction=args.steps_fraction, planned_steps=args.planned_steps, rank=args.rank,
                         alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         max_length=args.max_length, seed=args.seed, lora_dropout=args.lora_dropout,
@@ -125,7 +149,9 @@ def _run(args) -> int:
         from .reporting import score_bars
 
         print(score_bars(res["layer_scores"]))
-        print(f"{res['steps']} steps ({res['informative_steps']} informative: step 1 has no signal since LoRA B starts at 0); wrote {args.out}")
+        if "informative_steps" in res:
+            print(f"{res['steps']} steps ({res['informative_steps']} informative: step 1 has no signal since LoRA B starts at 0)")
+        print(f"method {res['method']}; wrote {args.out}")
     elif args.command == "plan":
         from .planning import plan_summary
 
@@ -165,6 +191,18 @@ def _run(args) -> int:
         from .pipeline import run
 
         run(load_config(args.config, args.overrides))
+    elif args.command == "compare":
+        from .compare import load_grid, run_grid
+
+        if args.dry_run:
+            out, cells = load_grid(args.config, args.overrides)
+            print("\n".join(f"  {Path(cfg.out).name}" for _, cfg in cells) + f"\n{len(cells)} cells -> {out}")
+        else:
+            print(f"wrote {run_grid(args.config, args.overrides)}")
+    elif args.command == "sensitivity":
+        from .sensitivity import format_curve, sensitivity
+
+        print(format_curve(sensitivity(args.scores, args.k, args.reference, args.which, args.out)))
     elif args.command == "report":
         from .report import write_report
 

@@ -19,6 +19,7 @@ from .errors import GradPrunerError
 
 @dataclass
 class ScoreConfig:
+    method: str = "igia"         # igia | igia_norm | full_grad | block_influence | taylor | magnitude | last_n | random | laco
     steps: int = 40              # early LoRA optimizer steps T (≥ 2; step 1 carries no signal)
     rank: int = 8
     alpha: float = 32
@@ -26,6 +27,10 @@ class ScoreConfig:
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 512
+    adapter: str = "lora"        # lora | dora: the adapter whose gradients IGIA reads
+    calib_examples: int = 64     # task examples for block_influence, taylor and laco
+    laco_group: int = 4          # laco: layers per collapse (the base + group−1 merged into it)
+    laco_threshold: float = 0.65  # laco: keep a collapse if hidden states stay this cosine-similar
 
 
 @dataclass
@@ -33,13 +38,13 @@ class PlanConfig:
     prune: int | None = 12       # decoder layers removed (merged ones included); or use target_params
     target_params: float | None = None  # fraction of all parameters to remove (instead of prune)
     merge: int = 3               # of the removed layers, how many are merged
-    rule: str = "igia"           # score rule: igia (paper) | igia_norm (authors' release)
+    rule: str | None = None      # None: the scoring method's own scores; igia | igia_norm: that IGIA variant
 
 
 @dataclass
 class PruneConfig:
     density: float = 0.2         # fraction of a merged module's entries kept, by IGIA
-    merge_rule: str = "sign_sum"  # sign_sum | sign_mean | fisher
+    merge_rule: str = "sign_sum"  # sign_sum | sign_mean | fisher | weighted_average | ties | none | laco
 
 
 @dataclass
@@ -199,8 +204,32 @@ def _check(cfg: RunConfig) -> list[str]:
         out.append("Give exactly one of plan.prune and plan.target_params (set the other to null).")
     if cfg.finetune.mode not in ("lora", "full"):
         out.append(f"finetune.mode is {cfg.finetune.mode!r}; use lora or full.")
+    out += _check_methods(cfg)
     if ".." in Path(cfg.out).parts:
         out.append(f"Config key out {cfg.out!r} climbs out of the working folder with '..'; give a plain path.")
+    return out
+
+
+def _check_methods(cfg: RunConfig) -> list[str]:
+    """Registry names, and merges only where the scoring method provides what the merge rule needs."""
+    from .errors import lookup
+    from .merging import MERGE_RULES, needs_igia
+    from .selection import METHODS
+
+    try:
+        method = lookup(METHODS, cfg.score.method, "scoring method (score.method)")
+        rule = lookup(MERGE_RULES, cfg.prune.merge_rule, "merge rule (prune.merge_rule)") and cfg.prune.merge_rule
+    except GradPrunerError as exc:
+        return list(exc.problems)
+    out = []
+    if cfg.plan.merge and needs_igia(rule) and not method.factors:
+        out.append(f"plan.merge is {cfg.plan.merge} but score.method {cfg.score.method} writes no IGIA factors, "
+                   f"which prune.merge_rule {rule} needs; set plan.merge: 0, or a merge rule without IGIA "
+                   "(ties, laco, none), or score.method: igia.")
+    if cfg.score.method == "laco" and cfg.plan.prune is None:
+        out.append("score.method laco needs plan.prune (the number of layers to collapse), not plan.target_params.")
+    if cfg.score.adapter not in ("lora", "dora"):
+        out.append(f"score.adapter is {cfg.score.adapter!r}; use lora or dora.")
     return out
 
 

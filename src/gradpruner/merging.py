@@ -2,21 +2,30 @@
 
 Two steps, per linear module:
 
-1. ``sparsify``: keep the fraction ``density`` (the paper's p = 20%) of W_src's entries with the largest
-   IGIA values F_src, zero the rest → Ŵ_src.
-2. A merge rule combines W_dst with the sparsified sources. Only entries where Ŵ_src is non-zero
-   ("selected") and sign(Ŵ_src) == sign(W_dst) ("sign-matched") take part; every other entry of W_dst
-   is left as it is. Each source is compared with W_dst's *own* sign, never with a running sum.
-   An entry where W_dst == 0 has sign 0, which matches no selected (±) entry: it is never merged.
+1. Trim each source, as ``TRIM[rule]`` says: ``"igia"`` keeps the fraction ``density`` (the paper's
+   p = 20%) of W_src's entries with the largest IGIA values F_src (``sparsify``); ``"magnitude"`` keeps
+   the ``density`` largest |W_src| (``magnitude_trim``, TIES); ``None`` keeps all of W_src and ignores
+   ``density``. The trimmed source is Ŵ_src.
+2. A merge rule combines W_dst with the trimmed sources:
+
+   * ``sign_sum`` (paper Eq. 5), ``sign_mean`` (Eq. 6), ``fisher`` (App. B.2): only entries where
+     Ŵ_src is non-zero ("selected") and sign(Ŵ_src) == sign(W_dst) ("sign-matched") take part;
+     every other entry of W_dst is left as it is. Each source is compared with W_dst's *own* sign,
+     never with a running sum; an entry where W_dst == 0 has sign 0 and is never merged.
+   * ``weighted_average`` (Fig. 7 baseline): ``sign_mean`` without the sign check.
+   * ``ties`` (TIES-merging, Yadav et al. 2023): elected sign, then the disjoint mean.
+   * ``none``: drop only, W_dst unchanged. ``laco`` (LaCo's RDSC): W_dst + Σ (W_src − W_dst).
 
 Rules are small pure functions ``rule(w_dst, sources, f_dst=None) -> Tensor`` over
-``sources = [(Ŵ_src, F_src), ...]`` in a plain dict, looked up by name::
+``sources = [(Ŵ_src, F_src or None), ...]`` in a plain dict, looked up by name::
 
     new_w, stats = merge_module(w_dst, [(w_src, f_src)], rule="sign_sum", density=0.2)
+    new_w, stats = merge_module(w_dst, [(w_src, None)], rule="ties", density=0.2)
 
     # or in a config:   merge_rule: sign_mean
 
-No function here modifies its inputs.
+``needs_igia(rule)`` says whether a rule needs the IGIA factors of ``gradpruner score``.
+No function here modifies its inputs. See docs/merge_rules.md.
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ from torch import Tensor
 
 from .errors import GradPrunerError, lookup
 
-MergeSource = tuple[Tensor, Tensor]  # (Ŵ_src already sparsified, F_src)
+MergeSource = tuple[Tensor, "Tensor | None"]  # (Ŵ_src already trimmed, F_src or None)
 
 
 def _check_density(density) -> None:
@@ -42,13 +51,15 @@ def _check_finite(t: Tensor, what: str) -> None:
         raise GradPrunerError(f"{what} holds NaN or infinite values; rerun gradient scoring.")
 
 
-def sparsify(w_src: Tensor, f_src: Tensor, density: float) -> Tensor:
+def sparsify(w_src: Tensor, f_src: Tensor, density: float, *,
+             what: str = "The IGIA matrix of a merged module") -> Tensor:
     """Ŵ = W ⊙ 1[F ranks in the top k], k = max(1, round(density · numel)).
 
-    Exactly k entries are kept, even with ties in F: entries with F above the k-th largest value
-    are kept, then entries equal to it in flattened (row-major) order, lowest index first, until
-    there are k. Ranking is by F itself (an IGIA matrix is a mean of squares, so F ≥ 0 and this is
-    the paper's "magnitude of the IGIA-Matrix").
+    ``f_src`` is any non-negative score of W's shape: the IGIA matrix F (the paper's "magnitude of
+    the IGIA-Matrix", a mean of squares, so F ≥ 0) or |W| (``magnitude_trim``). Exactly k entries
+    are kept, even with ties in the score: entries above the k-th largest value are kept, then
+    entries equal to it in flattened (row-major) order, lowest index first, until there are k.
+    ``what`` names the score in error messages.
     """
     _check_density(density)
     if w_src.shape != f_src.shape:
@@ -57,7 +68,7 @@ def sparsify(w_src: Tensor, f_src: Tensor, density: float) -> Tensor:
     n = w_src.numel()
     if n == 0:
         return w_src.clone()
-    _check_finite(f_src, "The IGIA matrix of a merged module")
+    _check_finite(f_src, what)
     k = min(n, max(1, round(density * n)))
     flat = f_src.detach().reshape(-1)
     if flat.dtype not in (torch.float32, torch.float64):
@@ -71,6 +82,12 @@ def sparsify(w_src: Tensor, f_src: Tensor, density: float) -> Tensor:
         ties = torch.nonzero(flat == thr).squeeze(1)[:need]
         mask[ties] = True
     return torch.where(mask.view(w_src.shape), w_src, torch.zeros_like(w_src))
+
+
+def magnitude_trim(w_src: Tensor, density: float) -> Tensor:
+    """TIES' trim step: keep the ``density`` fraction of W's entries largest in |W| (same exact-k
+    rule as ``sparsify``), zero the rest."""
+    return sparsify(w_src, w_src.abs(), density, what="A merged layer's weight")
 
 
 def _matched(w_hat: Tensor, w_dst: Tensor) -> Tensor:
@@ -129,25 +146,98 @@ def fisher(w_dst: Tensor, sources: list[MergeSource], f_dst: Tensor | None = Non
     return torch.where(any_m, merged, w_dst)
 
 
-MERGE_RULES = {"sign_sum": sign_sum, "sign_mean": sign_mean, "fisher": fisher}
+def weighted_average(w_dst: Tensor, sources: list[MergeSource], f_dst: Tensor | None = None) -> Tensor:
+    """Fig. 7's baseline, ``sign_mean`` without the sign check: W = (W_dst + Σ_src m_src ⊙ Ŵ_src) /
+    (1 + Σ_src m_src), m_src = 1[Ŵ_src ≠ 0]; W_dst where no source is selected. ``f_dst`` is unused."""
+    num = w_dst.clone()
+    count = torch.ones_like(w_dst)
+    for w_hat, _ in sources:
+        m = w_hat != 0
+        num.add_(torch.where(m, w_hat, torch.zeros_like(w_hat)))
+        count.add_(m.to(count.dtype))
+    return num / count
 
 
-def merge_module(w_dst: Tensor, srcs: list[tuple[Tensor, Tensor]], rule: str, density: float,
+def _elected_sign(w_dst: Tensor, sources: list[MergeSource]) -> Tensor:
+    return torch.sign(sum((w_hat for w_hat, _ in sources), w_dst))
+
+
+def ties(w_dst: Tensor, sources: list[MergeSource], f_dst: Tensor | None = None) -> Tensor:
+    """TIES-merging for layers, over magnitude-trimmed sources (W_dst is not trimmed): elected sign
+    s = sign(W_dst + Σ_src Ŵ_src); W = mean of the values among {W_dst, Ŵ_src...} that are non-zero
+    with sign s (disjoint mean); W_dst where s == 0. ``f_dst`` is unused."""
+    s = _elected_sign(w_dst, sources)
+    num = torch.zeros_like(w_dst)
+    count = torch.zeros_like(w_dst)
+    for v in [w_dst] + [w_hat for w_hat, _ in sources]:
+        m = (v != 0) & (torch.sign(v) == s)
+        num.add_(torch.where(m, v, torch.zeros_like(v)))
+        count.add_(m.to(count.dtype))
+    # s != 0 implies some value has sign s, so count ≥ 1 there
+    return torch.where(s == 0, w_dst, num / count.clamp(min=1))
+
+
+def none(w_dst: Tensor, sources: list[MergeSource], f_dst: Tensor | None = None) -> Tensor:
+    """Drop only: a copy of W_dst; the sources are ignored."""
+    return w_dst.clone()
+
+
+def laco(w_dst: Tensor, sources: list[MergeSource], f_dst: Tensor | None = None) -> Tensor:
+    """LaCo's RDSC layer collapse over the full (untrimmed) sources: W = W_dst + Σ_src (W_src − W_dst).
+    ``f_dst`` is unused."""
+    out = w_dst.clone()
+    for w_src, _ in sources:
+        out.add_(w_src - w_dst)
+    return out
+
+
+MERGE_RULES = {"sign_sum": sign_sum, "sign_mean": sign_mean, "fisher": fisher,
+               "weighted_average": weighted_average, "ties": ties, "none": none, "laco": laco}
+# How merge_module trims each rule's sources: by IGIA F, by |W|, or not at all (density unused).
+TRIM = {"sign_sum": "igia", "sign_mean": "igia", "fisher": "igia", "weighted_average": "igia",
+        "ties": "magnitude", "none": None, "laco": None}
+
+
+def needs_igia(rule: str) -> bool:
+    """True when ``rule`` trims by IGIA or weighs by the kept layer's IGIA matrix (fisher)."""
+    lookup(MERGE_RULES, rule, "merge rule")
+    return TRIM[rule] == "igia" or rule == "fisher"
+
+
+def _used(rule: str, w_hat: Tensor, w_dst: Tensor, elected: Tensor | None) -> int:
+    """How many entries of one trimmed source ``rule`` actually merges into W_dst."""
+    if rule == "none":
+        return 0
+    if rule in ("weighted_average", "laco"):
+        return int(torch.count_nonzero(w_hat))
+    if rule == "ties":
+        return int(((w_hat != 0) & (torch.sign(w_hat) == elected)).sum())
+    return int(_matched(w_hat, w_dst).sum())
+
+
+def merge_module(w_dst: Tensor, srcs: list[tuple[Tensor, Tensor | None]], rule: str, density: float,
                  f_dst: Tensor | None = None) -> tuple[Tensor, dict]:
-    """Merge raw sources ``srcs = [(W_src, F_src), ...]`` into ``w_dst`` with ``MERGE_RULES[rule]``.
+    """Merge raw sources ``srcs = [(W_src, F_src or None), ...]`` into ``w_dst`` with ``MERGE_RULES[rule]``.
 
-    Each W_src is sparsified to ``density`` by its F_src first. The arithmetic runs in float32
-    (float64 if w_dst is float64) and the result is cast back to w_dst's dtype. Returns
-    ``(new_w, stats)``: stats["entries"] = numel; stats["kept_per_source"] = non-zero entries of
-    each Ŵ_src; stats["merged_per_source"] = of those, the ones sign-matched with W_dst;
-    stats["changed_fraction"] = fraction of entries of the returned tensor that differ from w_dst.
+    Each W_src is trimmed first as ``TRIM[rule]`` says (F_src may be None unless that is "igia";
+    ``density`` is unused and unchecked when it is None). The arithmetic runs in float32 (float64 if
+    w_dst is float64) and the result is cast back to w_dst's dtype. Returns ``(new_w, stats)``:
+    stats["entries"] = numel; stats["kept_per_source"] = non-zero entries of each Ŵ_src;
+    stats["merged_per_source"] = of those, the ones the rule merges (sign-matched with W_dst for
+    sign_sum/sign_mean/fisher, with the elected sign for ties, all for weighted_average/laco, none
+    for none); stats["changed_fraction"] = fraction of entries of the result that differ from w_dst.
     """
     fn = lookup(MERGE_RULES, rule, "merge rule")
-    _check_density(density)
+    trim = TRIM[rule]
+    if trim is not None:
+        _check_density(density)
     shape = tuple(w_dst.shape)
     for i, (w_src, f_src) in enumerate(srcs):
+        if f_src is None and trim == "igia":
+            raise GradPrunerError(f"Merge source {i} has no IGIA matrix, but the merge rule {rule!r} "
+                                  "keeps entries by IGIA; pass F_src from `gradpruner score`.")
         for what, t in (("weight", w_src), ("IGIA matrix", f_src)):
-            if tuple(t.shape) != shape:
+            if t is not None and tuple(t.shape) != shape:
                 raise GradPrunerError(f"Merge source {i}'s {what} has shape {tuple(t.shape)}, but the "
                                       f"kept module's weight has shape {shape}; merged layers must "
                                       "have the same architecture as their target.")
@@ -156,18 +246,23 @@ def merge_module(w_dst: Tensor, srcs: list[tuple[Tensor, Tensor]], rule: str, de
                               f"but its weight has shape {shape}.")
     cdt = torch.float64 if w_dst.dtype == torch.float64 else torch.float32
     wd = w_dst.detach().to(cdt)
-    sources = [(sparsify(w.detach().to(cdt), f.detach().to(cdt), density), f.detach().to(cdt))
-               for w, f in srcs]
+    sources = []
+    for w, f in srcs:
+        w, f = w.detach().to(cdt), (None if f is None else f.detach().to(cdt))
+        w_hat = (sparsify(w, f, density) if trim == "igia" else
+                 magnitude_trim(w, density) if trim == "magnitude" else w)
+        sources.append((w_hat, f))
     fd = None
     if f_dst is not None:
         fd = f_dst.detach().to(cdt)
         _check_finite(fd, "The kept module's IGIA matrix")
     new = fn(wd, sources, f_dst=fd).to(w_dst.dtype)
     n = w_dst.numel()
+    elected = _elected_sign(wd, sources) if rule == "ties" else None
     stats = {
         "entries": n,
         "kept_per_source": [int(torch.count_nonzero(w_hat)) for w_hat, _ in sources],
-        "merged_per_source": [int(_matched(w_hat, wd).sum()) for w_hat, _ in sources],
+        "merged_per_source": [_used(rule, w_hat, wd, elected) for w_hat, _ in sources],
         "changed_fraction": float((new != w_dst.detach()).sum()) / n if n else 0.0,
     }
     return new, stats
@@ -193,31 +288,45 @@ def _factor_igia(f, keys: set[str], name: str, module: torch.nn.Linear, path) ->
 def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "sign_sum") -> dict:
     """Fold every merged layer into its target in place, one module at a time (GUIDE §1.6).
 
-    ``merge`` maps a removed layer index (str or int) to the kept layer it merges into. Full F_W
-    matrices are built only for the module being merged and freed before the next one, so peak
-    memory is the model plus a few module-sized buffers. Returns per-module merge statistics.
+    ``merge`` maps a removed layer index (str or int) to the kept layer it merges into.
+    ``factors_path`` is the igia.safetensors of ``gradpruner score``; it may be None (and is never
+    opened) when ``not needs_igia(rule)``. Full F_W matrices are built only for the module being
+    merged and freed before the next one, so peak memory is the model plus a few module-sized
+    buffers. Returns per-module merge statistics.
     """
+    from contextlib import nullcontext
+
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
     from .architectures import decoder_layer_prefix, layer_linear_modules
 
-    lookup(MERGE_RULES, rule, "merge rule")
-    _check_density(density)
+    igia = needs_igia(rule)
+    if TRIM[rule] is not None:
+        _check_density(density)
+    if igia and factors_path is None:
+        free = ", ".join(r for r in MERGE_RULES if not needs_igia(r))
+        raise GradPrunerError(f"The merge rule {rule!r} needs the IGIA factors of `gradpruner score "
+                              f"--method igia`; pass that igia.safetensors, or choose a rule that "
+                              f"does not need them ({free}).")
     layers, prefix = layer_linear_modules(model), decoder_layer_prefix(model)
     by_target: dict[int, list[int]] = {}
     for src, dst in merge.items():
         by_target.setdefault(int(dst), []).append(int(src))
     jobs = [(t, rel) for t in sorted(by_target) for rel in layers[t]]
     stats = {}
-    with safe_open(str(factors_path), "pt") as f, torch.no_grad():
-        keys = set(f.keys())
+    with (safe_open(str(factors_path), "pt") if igia else nullcontext()) as f, torch.no_grad():
+        keys = set(f.keys()) if igia else set()
+
+        def igia_of(i: int, rel: str, wanted: bool):
+            name = f"{prefix}.{i}.{rel}"
+            return _factor_igia(f, keys, name, layers[i][rel], factors_path) if wanted else None
+
         for t, rel in tqdm(jobs, desc="merging", unit="module"):
             dst = layers[t][rel]
             srcs = [s for s in sorted(by_target[t]) if rel in layers[s]]
-            pairs = [(layers[s][rel].weight, _factor_igia(f, keys, f"{prefix}.{s}.{rel}", layers[s][rel], factors_path))
-                     for s in srcs]
-            f_dst = _factor_igia(f, keys, f"{prefix}.{t}.{rel}", dst, factors_path) if rule == "fisher" else None
+            pairs = [(layers[s][rel].weight, igia_of(s, rel, TRIM[rule] == "igia")) for s in srcs]
+            f_dst = igia_of(t, rel, rule == "fisher")
             new, st = merge_module(dst.weight, pairs, rule, density, f_dst)
             dst.weight.copy_(new)
             stats[f"{prefix}.{t}.{rel}"] = {"sources": [f"{prefix}.{s}.{rel}" for s in srcs], **st}

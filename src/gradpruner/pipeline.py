@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -28,20 +29,35 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Config keys added after stage keys were first published: keyed only when set away from their
+# default, so finished stages of earlier run folders (and of earlier versions) stay valid.
+LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "laco_group": 4, "laco_threshold": 0.65}}
+
+
+def _section(name: str, obj) -> dict:
+    d = {k: v for k, v in asdict(obj).items() if LATER.get(name, {}).get(k, object()) != v}
+    if name == "plan" and d.get("rule") is None:
+        d["rule"] = "igia"  # None = the method's own scores; for IGIA (the only method before) that is "igia"
+    return d
+
+
 class Run:
     """The run folder, its stage records and the chain of stage keys."""
 
-    def __init__(self, cfg: RunConfig, echo=print, isolate: bool = True):
+    def __init__(self, cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | None = None,
+                 reuse: list[str | Path] = ()):
         self.cfg, self.echo, self.isolate = cfg, echo, isolate
+        self.store = Path(store) if store is not None else None
+        self.reuse = [Path(p) for p in reuse]
         self.dir = Path(cfg.out)
         self.stages_dir = self.dir / "stages"
         self.stages_dir.mkdir(parents=True, exist_ok=True)
         data = {"model": cfg.model, "task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data,
                 "data_dir": cfg.data_dir, "seed": cfg.seed}
         self.keys = {"data": _key(data)}
-        self.keys["score"] = _key(self.keys["data"], asdict(cfg.score))
-        self.keys["plan"] = _key(self.keys["score"], asdict(cfg.plan))
-        self.keys["prune"] = _key(self.keys["plan"], asdict(cfg.prune))
+        self.keys["score"] = _key(self.keys["data"], _section("score", cfg.score))
+        self.keys["plan"] = _key(self.keys["score"], _section("plan", cfg.plan))
+        self.keys["prune"] = _key(self.keys["plan"], _section("prune", cfg.prune))
         ft = {k: v for k, v in asdict(cfg.finetune).items() if k != "dense_baseline"}
         self.keys["dense_ft"] = _key(self.keys["data"], ft)
         self.keys["pruned_ft"] = _key(self.keys["prune"], ft)
@@ -50,8 +66,55 @@ class Run:
                                ("pruned_ft", "pruned_ft")):
             self.keys[f"eval_{name}"] = _key(self.keys[upstream], ev["limit"], ev["encoder"], "eval")
 
+    def place(self, stage: str, rel: str) -> Path:
+        """Where ``stage`` writes ``rel``: the run folder, or with a store (``gradpruner compare``) a
+        folder named by the stage's key that every run with the same key shares; the run folder then
+        holds a symlink to it."""
+        if self.store is None:
+            return self.dir / rel
+        return self.store / f"{stage}-{self.keys[stage]}" / rel
+
     def record(self, stage: str) -> Path:
-        return self.stages_dir / f"{stage}.json"
+        if self.store is None:
+            return self.stages_dir / f"{stage}.json"
+        return self.store / f"{stage}-{self.keys[stage]}.json"
+
+    def _link(self, stage: str, rels: list[str]) -> None:
+        """Make the run folder show a stored stage's outputs and record (no-op without a store)."""
+        if self.store is None:
+            return
+        for rel in rels:
+            target, here = self.place(stage, rel), self.dir / rel
+            if not target.exists():
+                continue
+            here.parent.mkdir(parents=True, exist_ok=True)
+            if here.is_symlink() or here.is_file():
+                here.unlink()
+            elif here.is_dir():
+                shutil.rmtree(here)
+            here.symlink_to(os.path.relpath(target, here.parent))
+        write_json(self.stages_dir / f"{stage}.json", read_json(self.record(stage), "Stage record"))
+
+    def _adopt(self, stage: str, rels: list[str]) -> bool:
+        """Take a finished stage with the same key from an earlier run folder (``reuse``) into the store."""
+        for folder in self.reuse if self.store is not None else ():
+            rec = folder / "stages" / f"{stage}.json"
+            try:
+                data = json.loads(rec.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if data.get("key") != self.keys[stage] or not (folder / rels[0]).exists():
+                continue
+            for rel in rels:
+                if (folder / rel).exists():
+                    dest = self.place(stage, rel)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    if not dest.exists():
+                        dest.symlink_to((folder / rel).resolve())
+            write_json(self.record(stage), data)
+            self.echo(f"  ✓ {stage}: reused from {folder}")
+            return True
+        return False
 
     def done(self, stage: str, outputs: list[Path]) -> bool:
         rec = self.record(stage)
@@ -62,13 +125,17 @@ class Run:
         except (json.JSONDecodeError, OSError):
             return False
 
-    def stage(self, stage: str, outputs: list[Path], fn, *args, **kwargs):
-        """Run ``fn`` unless the stage is done; record its key, usage and result."""
-        if self.done(stage, outputs):
-            self.echo(f"  ✓ {stage}: up to date, skipped")
+    def stage(self, stage: str, rels: list[str], fn, *args, **kwargs):
+        """Run ``fn`` unless the stage is done; record its key, usage and result.
+
+        ``rels`` are the stage's outputs relative to the run folder; the first must exist for the
+        stage to count as done. ``fn``'s arguments name the paths from ``place``."""
+        if self.done(stage, [self.place(stage, rels[0])]) or self._adopt(stage, rels):
+            self.echo(f"  ✓ {stage}: up to date, skipped" + (" (shared)" if self.store else ""))
+            self._link(stage, rels)
             return read_json(self.record(stage), "Stage record").get("result")
         self.echo(f"  → {stage}")
-        started = self.stages_dir / f"{stage}.started.json"
+        started = self.record(stage).with_suffix(".started.json")
         fresh = not started.is_file() or json.loads(started.read_text()).get("key") != self.keys[stage]
         write_json(started, {"key": self.keys[stage]})
         if self.isolate:
@@ -79,6 +146,7 @@ class Run:
             usage = u.as_dict()
         write_json(self.record(stage), {"key": self.keys[stage], "usage": usage, "result": result})
         started.unlink(missing_ok=True)
+        self._link(stage, rels)
         self.echo(f"    {stage}: {usage['seconds']:.0f} s, peak RSS {usage['peak_rss_mb']:.0f} MiB")
         return result
 
@@ -143,10 +211,11 @@ def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
 
 def _score(cfg: RunConfig, out: Path, fresh: bool) -> dict:
     s = cfg.score
-    res = api.score(cfg.model, out, **_data_args(cfg), steps=s.steps, rank=s.rank, alpha=s.alpha, lr=s.lr,
-                    batch_size=s.batch_size, grad_accum=s.grad_accum, max_length=s.max_length, seed=cfg.seed,
-                    overwrite=True)
-    return {"steps": res["steps"], "informative_steps": res["informative_steps"]}
+    res = api.score(cfg.model, out, **_data_args(cfg), method=s.method, steps=s.steps, rank=s.rank, alpha=s.alpha,
+                    lr=s.lr, batch_size=s.batch_size, grad_accum=s.grad_accum, max_length=s.max_length,
+                    seed=cfg.seed, adapter=s.adapter, calib_examples=s.calib_examples, target=cfg.plan.prune,
+                    options={"laco_group": s.laco_group, "laco_threshold": s.laco_threshold}, overwrite=True)
+    return {"method": s.method, "steps": res["steps"], "informative_steps": res.get("informative_steps")}
 
 
 def _plan(cfg: RunConfig, scores: Path, out: Path, fresh: bool) -> dict:
@@ -175,32 +244,37 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     return {"metric": res["metric"], "value": res["value"], "n": res["n"]}
 
 
-def run(cfg: RunConfig, echo=print, isolate: bool = True) -> Path:
+def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | None = None,
+        reuse: list[str | Path] = ()) -> Path:
     """Run every stage that is not up to date; return the report path.
 
     With ``isolate`` (the default) each stage runs in its own process, so the peak memory recorded
-    for a stage is that stage's alone and memory does not accumulate across stages.
+    for a stage is that stage's alone and memory does not accumulate across stages. With ``store``
+    (used by ``gradpruner compare``) stage outputs live in that folder under their keys, so runs
+    that share a stage's inputs (the dense fine-tune, the scores) compute it once; ``reuse`` names
+    earlier run folders whose finished stages with the same key are taken instead of recomputed.
     """
     from .report import write_report
 
-    r = Run(cfg, echo, isolate)
-    d = r.dir
+    r = Run(cfg, echo, isolate, store, reuse)
+    d, at = r.dir, r.place
     (d / "config.yaml").write_text(dump_config(cfg))
     echo(f"run folder {d}")
     if cfg.finetune.dense_baseline:
-        r.stage("dense_ft", [d / "dense_ft"], _finetune, cfg, cfg.model, d / "dense_ft")
-    r.stage("score", [d / "scores" / "scores.json"], _score, cfg, d / "scores")
-    r.stage("plan", [d / "plan.json"], _plan, cfg, d / "scores" / "scores.json", d / "plan.json")
-    r.stage("prune", [d / "pruned"], _prune, cfg, d / "plan.json", d / "pruned")
-    r.stage("pruned_ft", [d / "pruned_ft"], _finetune, cfg, str(d / "pruned"), d / "pruned_ft")
+        r.stage("dense_ft", ["dense_ft", "dense_ft_finetune.json"], _finetune, cfg, cfg.model, at("dense_ft", "dense_ft"))
+    r.stage("score", ["scores"], _score, cfg, at("score", "scores"))
+    r.stage("plan", ["plan.json"], _plan, cfg, at("score", "scores/scores.json"), at("plan", "plan.json"))
+    r.stage("prune", ["pruned"], _prune, cfg, at("plan", "plan.json"), at("prune", "pruned"))
+    r.stage("pruned_ft", ["pruned_ft", "pruned_ft_finetune.json"], _finetune, cfg, str(at("prune", "pruned")),
+            at("pruned_ft", "pruned_ft"))
     models = {"dense_zero_shot": cfg.model if cfg.eval.zero_shot_dense else None,
-              "dense_ft": str(d / "dense_ft") if cfg.finetune.dense_baseline else None,
-              "pruned": str(d / "pruned") if cfg.eval.pruned_no_finetune else None,
-              "pruned_ft": str(d / "pruned_ft")}
+              "dense_ft": str(at("dense_ft", "dense_ft")) if cfg.finetune.dense_baseline else None,
+              "pruned": str(at("prune", "pruned")) if cfg.eval.pruned_no_finetune else None,
+              "pruned_ft": str(at("pruned_ft", "pruned_ft"))}
     for name, model in models.items():
         if model is not None:
-            out = d / "eval" / f"{name}.json"
-            r.stage(f"eval_{name}", [out], _evaluate, cfg, model, out)
+            rel = f"eval/{name}.json"
+            r.stage(f"eval_{name}", [rel], _evaluate, cfg, model, at(f"eval_{name}", rel))
     report = write_report(d)
     echo(f"report: {report} (and {report.with_suffix('.html').name})")
     return report

@@ -83,11 +83,16 @@ def build_blocks(run_dir: Path) -> list[tuple]:
                   ylabel=first["metric"], title="held-out score")
         blocks.append(("img", run_dir / "accuracy.png", "held-out score per model"))
     if scores and plan:
-        plot_layer_scores(scores["layer_scores"], run_dir / "layer_scores.png", set(plan["drop"]), plan["merge"])
-        blocks += [("h2", "Layer scores and plan"),
-                   ("p", f"{scores['steps']} LoRA steps scored ({scores['informative_steps']} informative: step 1 has no "
-                         "signal because LoRA's B starts at zero)."),
-                   ("img", run_dir / "layer_scores.png", "IGIA layer scores"), ("pre", plan_summary(plan))]
+        method = scores.get("method", "igia")
+        title = "IGIA layer scores" if method == "igia" else f"{method} layer scores"
+        plot_layer_scores(scores["layer_scores"], run_dir / "layer_scores.png", set(plan["drop"]), plan["merge"], title=title)
+        if "informative_steps" in scores:
+            how = (f"{scores['steps']} {'DoRA' if scores.get('adapter') == 'dora' else 'LoRA'} steps scored "
+                   f"({scores['informative_steps']} informative: step 1 has no signal because the adapter's B starts at zero).")
+        else:
+            how = f"Method {method}" + (f", {scores['steps']} training steps." if scores.get("steps") else ", no training steps.")
+        blocks += [("h2", "Layer scores and plan"), ("p", f"Scoring method: {method}. {how}"),
+                   ("img", run_dir / "layer_scores.png", title), ("pre", plan_summary(plan))]
     if stages:
         rows, note = _cost_table(stages)
         blocks += [("h2", "Cost of every stage"), ("table", rows)] + ([("p", note)] if note else [])

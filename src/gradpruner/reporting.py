@@ -67,3 +67,58 @@ def plot_bars(values: dict[str, float], path: Path, ylabel: str = "", title: str
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_grouped(rows: list[dict], axes: list[str], path: Path) -> Path:
+    """Pruned + fine-tuned accuracy per cell: groups by task, one bar colour per other-axis label,
+    with the dense fine-tuned model of each task as a dashed line."""
+    plt = _plt()
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    series_axis = next((a for a in axes if a != "task"), None)
+    labels = list(dict.fromkeys(r[series_axis] for r in rows)) if series_axis else ["pruned+FT"]
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * len(labels) * 0.5 + 2), 3.8))
+    for i, label in enumerate(labels):
+        ys = [next((r["pruned_ft"] for r in rows if r["task"] == t and (series_axis is None or r[series_axis] == label)),
+                   0.0) for t in tasks]
+        ax.bar([x + i * width - 0.4 + width / 2 for x in range(len(tasks))], ys, width, label=str(label))
+    for x, t in enumerate(tasks):
+        dense = next((r["dense_ft"] for r in rows if r["task"] == t and r.get("dense_ft") is not None), None)
+        if dense is not None:
+            ax.hlines(dense, x - 0.45, x + 0.45, colors="black", linestyles="dashed",
+                      label="dense, fine-tuned" if x == 0 else None)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("accuracy after fine-tuning")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_lines(rows: list[dict], series_axis: str, path: Path) -> Path:
+    """Accuracy after fine-tuning vs layers removed, one line per label of ``series_axis`` and task."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r[series_axis], r["task"]), []).append((r["removed"], r["pruned_ft"]))
+    for (label, task), pts in groups.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label} ({task})")
+    ax.set_xlabel("decoder layers removed")
+    ax.set_ylabel("accuracy after fine-tuning")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,224 @@
+"""``gradpruner compare``: one grid of pipeline runs (methods × tasks, or one ablation axis) with
+identical budgets, and the table of their results in the layout of the paper's Table 1.
+
+A compare config names a base run config and the axes of the grid::
+
+    base: smollm2_arc_easy.yaml          # a run config (relative to this file) or an inline mapping
+    out: results/compare_methods
+    store: results/store                 # optional (default OUT/store): share it between compare configs
+    reuse: [results/smollm2_arc_easy]    # optional: earlier run folders whose finished stages are taken
+    overrides: [finetune.max_steps=150]  # applied to every cell
+    axes:
+      method:                            # long form: label -> overrides of that cell
+        igia: {}
+        block_influence: {score.method: block_influence, plan.merge: 0}
+      task:                              # short form: one key, a list of values
+        key: task
+        values: [arc_easy, piqa]
+
+Every cell is a normal run folder ``OUT/cells/<axis=label,...>``; stage outputs live once in
+``OUT/store`` under their keys, so the dense fine-tune of a task and the IGIA scores are computed
+once and a finished cell is never recomputed. The table is written after every cell.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from .atomic import atomic_file, write_json
+from .config import RunConfig, config_from_dict
+from .errors import GradPrunerError
+
+EVAL_NAMES = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise GradPrunerError(f"{what} {path} does not exist; check the path (examples are in configs/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise GradPrunerError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file.") from None
+    if not isinstance(data, dict):
+        raise GradPrunerError(f"{what} {path} must hold a mapping of keys, not a {type(data).__name__}.")
+    return data
+
+
+def _axis(name: str, spec) -> list[tuple[str, list[str]]]:
+    """An axis as [(label, ["key=value", ...]), ...] from its long or short form."""
+    if isinstance(spec, dict) and set(spec) == {"key", "values"} and isinstance(spec["values"], list):
+        return [(str(v), [f"{spec['key']}={json.dumps(v)}"]) for v in spec["values"]]
+    if isinstance(spec, dict) and spec and all(isinstance(v, dict) or v is None for v in spec.values()):
+        return [(str(label), [f"{k}={json.dumps(v)}" for k, v in (ov or {}).items()]) for label, ov in spec.items()]
+    raise GradPrunerError(f"Compare axis {name!r} must map labels to overrides ({{label: {{key: value}}}}) or be "
+                          "{key: KEY, values: [...]}; see docs/commands.md#compare.")
+
+
+KEYS = {"base", "out", "overrides", "axes", "store", "reuse"}
+
+
+def load_grid(path: str | Path, extra: list[str] = ()) -> tuple[Path, list[tuple[dict, RunConfig]]]:
+    """Read a compare config; return the output folder and every cell's (labels, validated config).
+
+    All cells are validated before anything runs, and every problem is reported at once."""
+    path = Path(path)
+    spec = _read_yaml(path, "Compare config")
+    unknown = set(spec) - KEYS
+    if unknown:
+        raise GradPrunerError(f"Compare config {path} has unknown key(s) {sorted(unknown)}; use {', '.join(sorted(KEYS))}.")
+    base = spec.get("base", {})
+    if isinstance(base, str):
+        base = _read_yaml(path.parent / base, "Base config")
+    if not isinstance(base, dict) or not spec.get("out") or not isinstance(spec.get("axes"), dict) or not spec["axes"]:
+        raise GradPrunerError(f"Compare config {path} needs base (a run config), out (a folder) and axes (at least one).")
+    out = Path(spec["out"])
+    if ".." in out.parts:
+        raise GradPrunerError(f"Compare out {out} climbs out of the working folder with '..'; give a plain path.")
+    common = [str(o) for o in spec.get("overrides") or []] + list(extra)
+    axes = {name: _axis(name, s) for name, s in spec["axes"].items()}
+    cells, problems = [], []
+    for combo in itertools.product(*axes.values()):
+        labels = {name: label for name, (label, _) in zip(axes, combo)}
+        name = ",".join(f"{a}={label}" for a, label in labels.items())
+        if any(c in name for c in "/\\") or name.startswith("."):
+            problems.append(f"Compare cell name {name!r} may not contain '/' or '\\'; rename the labels.")
+            continue
+        overrides = common + [o for _, ovs in combo for o in ovs] + [f"out={json.dumps(str(out / 'cells' / name))}"]
+        try:
+            cells.append((labels, config_from_dict(base, overrides)))
+        except GradPrunerError as exc:
+            problems += [f"cell {name}: {p}" for p in exc.problems]
+    if problems:
+        raise GradPrunerError(*problems)
+    return out, cells
+
+
+def run_grid(path: str | Path, extra: list[str] = (), echo=print, isolate: bool = True) -> Path:
+    """Run every cell that is not finished (finished stages are reused); return the table path."""
+    from .pipeline import run
+
+    out, cells = load_grid(path, extra)
+    spec = _read_yaml(Path(path), "Compare config")
+    store = Path(spec.get("store") or out / "store")
+    reuse = [Path(p) for p in spec.get("reuse") or []]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.yaml").write_text(Path(path).read_text(encoding="utf-8"))
+    started = time.monotonic()
+    for i, (labels, cfg) in enumerate(cells, 1):
+        done_s = time.monotonic() - started
+        eta = f", ETA ≈{done_s / (i - 1) * (len(cells) - i + 1) / 60:.0f} min" if i > 1 else ""
+        echo(f"[{i}/{len(cells)}] {Path(cfg.out).name} ({done_s / 60:.1f} min so far{eta})")
+        run(cfg, echo=echo, isolate=isolate, store=store, reuse=reuse)
+        write_table(out, cells)
+    return write_table(out, cells)
+
+
+# --- the table ----------------------------------------------------------------------------
+
+def _cell_row(labels: dict, cfg: RunConfig) -> dict:
+    d = Path(cfg.out)
+    row = dict(labels)
+    evals = {n: json.loads((d / "eval" / f"{n}.json").read_text()) for n in EVAL_NAMES
+             if (d / "eval" / f"{n}.json").is_file()}
+    plan = json.loads((d / "plan.json").read_text()) if (d / "plan.json").is_file() else {}
+    stages = {p.stem: json.loads(p.read_text()) for p in (d / "stages").glob("*.json") if not p.name.startswith(".")
+              and not p.name.endswith(".started.json")} if (d / "stages").is_dir() else {}
+    any_eval = next(iter(evals.values()), {})
+    row.update({"task": cfg.task or cfg.data, "method": cfg.score.method, "metric": any_eval.get("metric"),
+                "removed": len(plan.get("drop", [])), "merged": len(plan.get("merge", {})),
+                "merge_rule": cfg.prune.merge_rule, "density": cfg.prune.density})
+    for n in EVAL_NAMES:
+        row[n] = evals[n]["value"] if n in evals else None
+    if "dense_ft" in evals and "pruned_ft" in evals:
+        row["delta_vs_dense_ft"] = row["pruned_ft"] - row["dense_ft"]
+        row["params_ratio"] = evals["pruned_ft"]["params"]["total"] / evals["dense_ft"]["params"]["total"]
+    row["n"] = evals["pruned_ft"]["n"] if "pruned_ft" in evals else None
+    row["score_s"] = stages.get("score", {}).get("usage", {}).get("seconds")
+    row["pruned_ft_s"] = stages.get("pruned_ft", {}).get("usage", {}).get("seconds")
+    row["dense_ft_s"] = stages.get("dense_ft", {}).get("usage", {}).get("seconds")
+    return row
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:+.3f}" if False else f"{v:.3f}"
+    return str(v)
+
+
+def _pivot(rows: list[dict], axis: str) -> list[list[str]]:
+    """Table 1 layout: one row per label of ``axis`` (plus the dense model), one column per task, Avg."""
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    labels = list(dict.fromkeys(r[axis] for r in rows))
+    table = [[axis] + tasks + ["avg"]]
+
+    def line(name, values):
+        got = [v for v in values if v is not None]
+        avg = sum(got) / len(got) if len(got) == len(values) and got else None
+        return [name] + [_fmt(v) for v in values] + [_fmt(avg)]
+
+    for base, title in (("dense_zero_shot", "dense, zero-shot"), ("dense_ft", "dense, fine-tuned")):
+        vals = [next((r[base] for r in rows if r["task"] == t and r[base] is not None), None) for t in tasks]
+        table.append(line(title, vals))
+    for label in labels:
+        vals = [next((r["pruned_ft"] for r in rows if r["task"] == t and r[axis] == label), None) for t in tasks]
+        table.append(line(label, vals))
+    return table
+
+
+def _md(table: list[list[str]]) -> str:
+    head, *body = table
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines)
+
+
+LONG_COLS = ("metric", "removed", "merged", "merge_rule", "density", "dense_zero_shot", "dense_ft", "pruned",
+             "pruned_ft", "delta_vs_dense_ft", "params_ratio", "n", "score_s", "pruned_ft_s", "dense_ft_s")
+
+
+def write_table(out: Path, cells: list[tuple[dict, RunConfig]]) -> Path:
+    """table.md (Table 1 layout + every cell), table.csv, table.json and plots in ``out``."""
+    rows = [_cell_row(labels, cfg) for labels, cfg in cells]
+    axes = list(cells[0][0]) if cells else []
+    write_json(out / "table.json", rows)
+    cols = axes + [c for c in ("task",) if c not in axes] + list(LONG_COLS)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    with atomic_file(out / "table.csv") as tmp:
+        tmp.write(buf.getvalue())
+    parts = [f"# Comparison: {out}", "", "Accuracy (the task's metric) after fine-tuning the pruned model; every cell "
+             "ran with the same data, fine-tuning budget and held-out items. Cells not finished show –.", ""]
+    others = [a for a in axes if a != "task"]
+    if others:
+        parts += [f"## By {others[0]} (paper Table 1 layout)", "", _md(_pivot(rows, others[0])), ""]
+    parts += ["## Every cell", "", _md([cols] + [[_fmt(r.get(c)) for c in cols] for r in rows]), ""]
+    for png in _plots(out, rows, axes):
+        parts += [f"![{png.stem}]({png.name})", ""]
+    path = out / "table.md"
+    with atomic_file(path) as tmp:
+        tmp.write("\n".join(parts))
+    return path
+
+
+def _plots(out: Path, rows: list[dict], axes: list[str]) -> list[Path]:
+    """Grouped bars of pruned+FT accuracy per cell; lines of accuracy vs layers removed if that varies."""
+    from .reporting import plot_accuracy_lines, plot_grouped
+
+    done = [r for r in rows if r.get("pruned_ft") is not None]
+    if not done:
+        return []
+    paths = [plot_grouped(done, axes, out / "accuracy.png")]
+    series = [a for a in axes if a not in ("task",)]
+    if len({r["removed"] for r in done}) > 1 and series:
+        paths.append(plot_accuracy_lines(done, series[0], out / "accuracy_vs_removed.png"))
+    return paths

@@ -1,0 +1,255 @@
+"""Layer-selection methods other than IGIA: one small function per method, in a registry.
+
+Every method returns one importance score per decoder layer (higher = more important), so
+``scores.json``, ``gradpruner plan`` and the pipeline treat all of them alike::
+
+    gradpruner score --method block_influence --model smollm2-135m --task arc_easy --out s/
+    # or in a config:   score: {method: block_influence}
+
+A method is ``fn(ctx) -> dict`` with at least ``layer_scores``; extra keys (e.g. LaCo's merge groups)
+go into scores.json as they are. IGIA (``igia``, ``igia_norm``) trains LoRA and lives in
+``api.score``/``capture``; ``full_grad`` is here. Methods that need no training run no steps.
+"""
+from __future__ import annotations
+
+import math
+import random as _random
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import architectures
+from .data import PadCollator
+
+
+@dataclass
+class Context:
+    """What a method may use: the model, its tokenizer, tokenized task examples and the budgets."""
+    model: torch.nn.Module
+    tokenizer: object
+    features: list[dict]
+    seed: int = 0
+    calib_examples: int = 64        # examples for forward/gradient methods (ShortGPT, LaCo, Taylor)
+    batch_size: int = 8
+    steps: int = 40                 # optimizer steps for full_grad
+    lr: float = 1e-4
+    target: int | None = None       # layers to remove (LaCo needs it to know when to stop)
+    options: dict = field(default_factory=dict)  # method-specific knobs (laco_group, laco_threshold)
+
+    def batches(self):
+        """The first ``calib_examples`` examples of a seeded shuffle, in padded batches."""
+        idx = list(range(len(self.features)))
+        _random.Random(self.seed).shuffle(idx)
+        chosen = [self.features[i] for i in idx[: self.calib_examples]]
+        collate = PadCollator(self.tokenizer.pad_token_id)
+        return [collate(chosen[i:i + self.batch_size]) for i in range(0, len(chosen), self.batch_size)]
+
+
+def _layers(model) -> torch.nn.ModuleList:
+    return architectures.find_decoder_layers(model)[2]
+
+
+# --- training-free ---------------------------------------------------------------------------
+
+def last_n(ctx: Context) -> dict:
+    """Drop the top layers first (the layer-wise mode of LLM-Pruner and others): score = L − index."""
+    n = len(_layers(ctx.model))
+    return {"layer_scores": [float(n - j) for j in range(n)]}
+
+
+def random_order(ctx: Context) -> dict:
+    """A seeded random ranking: the floor any method must beat."""
+    n = len(_layers(ctx.model))
+    perm = list(range(1, n + 1))
+    _random.Random(ctx.seed).shuffle(perm)
+    return {"layer_scores": [float(p) for p in perm]}
+
+
+def magnitude(ctx: Context) -> dict:
+    """Σ |W| over every parameter of the layer (weights only, no data)."""
+    return {"layer_scores": [float(sum(p.detach().abs().sum() for p in layer.parameters()))
+                             for layer in _layers(ctx.model)]}
+
+
+# --- forward / gradient on calibration data ----------------------------------------------------
+
+def block_influence(ctx: Context) -> dict:
+    """ShortGPT: BI_j = 1 − mean over real tokens of cos(input of layer j, output of layer j)."""
+    layers = _layers(ctx.model)
+    sums = [0.0] * len(layers)
+    count = 0.0
+    state: dict = {}
+
+    def pre(j):
+        def hook(mod, args, kwargs):
+            state[j] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def post(j):
+        def hook(mod, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(state[j].float(), out.float(), dim=-1)
+            sums[j] += float((cos * state["mask"]).sum())
+        return hook
+
+    handles = [h for j, layer in enumerate(layers) for h in (
+        layer.register_forward_pre_hook(pre(j), with_kwargs=True),
+        layer.register_forward_hook(post(j), with_kwargs=True))]
+    ctx.model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(ctx.batches(), desc="block influence", unit="batch"):
+                state["mask"] = batch["attention_mask"].float()
+                count += float(state["mask"].sum())
+                ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"layer_scores": [1.0 - s / count for s in sums], "calib_tokens": int(count)}
+
+
+def taylor(ctx: Context) -> dict:
+    """First-order Taylor importance: Σ over the layer's parameters of |W ⊙ ∂L/∂W| on task data."""
+    model = ctx.model
+    model.eval()  # no dropout; gradients still flow
+    model.zero_grad(set_to_none=True)
+    batches = ctx.batches()
+    for batch in tqdm(batches, desc="taylor", unit="batch"):
+        loss = model(**batch, use_cache=False).loss / len(batches)
+        loss.backward()
+    scores = []
+    for layer in _layers(model):
+        scores.append(float(sum((p.detach() * p.grad).abs().sum() for p in layer.parameters() if p.grad is not None)))
+    model.zero_grad(set_to_none=True)
+    return {"layer_scores": scores}
+
+
+def full_grad(ctx: Context) -> dict:
+    """The IGIA formula on true dense gradients: T full fine-tuning steps, F_W = mean_i (∂L/∂W)_i²,
+    layer score Σ F_W over its linear modules. The reference the LoRA proxy approximates; it costs a
+    full fine-tuning step per step (gradients and AdamW state for every weight)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    set_seed(ctx.seed)
+    linear = architectures.layer_linear_modules(ctx.model)
+    per_step: list[list[float]] = []
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            row = [0.0] * len(linear)
+            for j, mods in linear.items():
+                row[j] = float(sum(m.weight.grad.double().pow(2).sum() for m in mods.values() if m.weight.grad is not None))
+            if not all(math.isfinite(v) for v in row):
+                from .errors import GradPrunerError
+                raise GradPrunerError(f"Non-finite gradient at full_grad step {len(per_step) + 1}; lower --lr.")
+            per_step.append(row)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work:
+        args = TrainingArguments(
+            output_dir=work, max_steps=ctx.steps, per_device_train_batch_size=ctx.batch_size, learning_rate=ctx.lr,
+            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
+            save_strategy="no", report_to=[], seed=ctx.seed, data_seed=ctx.seed, remove_unused_columns=False,
+            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+        Trainer(model=ctx.model, args=args, train_dataset=ctx.features,
+                data_collator=PadCollator(ctx.tokenizer.pad_token_id), callbacks=[Capture()]).train()
+    n = len(per_step)
+    scores = [sum(row[j] for row in per_step) / max(n, 1) for j in range(len(linear))]
+    return {"layer_scores": scores, "steps": n, "step_layer_sq_norms": per_step}
+
+
+# --- LaCo ------------------------------------------------------------------------------------
+
+def _final_hidden(model, layers_attr, subset, batches) -> list[torch.Tensor]:
+    parent, attr, full = layers_attr
+    setattr(parent, attr, torch.nn.ModuleList(subset))
+    try:
+        with torch.no_grad():
+            return [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False,
+                          output_hidden_states=True).hidden_states[-1] for b in batches]
+    finally:
+        setattr(parent, attr, full)
+
+
+def _similarity(a: list[torch.Tensor], b: list[torch.Tensor], batches) -> float:
+    num = den = 0.0
+    for x, y, batch in zip(a, b, batches):
+        m = batch["attention_mask"].float()
+        num += float((torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1) * m).sum())
+        den += float(m.sum())
+    return num / den
+
+
+def laco(ctx: Context) -> dict:
+    """LaCo (Yang et al. 2024): from the top down, collapse ``laco_group``−1 rear layers into the layer
+    below them, θ_base += Σ_k (θ_k − θ_base) on the linear modules, and keep the collapse only if the
+    last hidden states on calibration data stay cosine-similar (> ``laco_threshold``) to the original
+    model's; otherwise move one layer down. Groups never overlap (interval = group size), so every
+    merge is expressible as a plan; stops when ``target`` layers are collapsed.
+
+    Collapsed layers get the lowest scores in the order they were collapsed; the plan then merges
+    each into the nearest kept layer below it — its LaCo base — with ``prune.merge_rule: laco``."""
+    from .errors import GradPrunerError
+
+    if ctx.target is None or ctx.target < 1:
+        raise GradPrunerError("The laco method needs the number of layers to remove; pass --prune N "
+                              "to `gradpruner score` (the pipeline passes plan.prune).")
+    group = int(ctx.options.get("laco_group", 4))
+    threshold = float(ctx.options.get("laco_threshold", 0.65))
+    lowest = int(ctx.options.get("laco_lowest", 1))
+    model, located = ctx.model, architectures.find_decoder_layers(ctx.model)
+    layers = list(located[2])
+    linear = architectures.layer_linear_modules(model)
+    batches = ctx.batches()
+    model.eval()
+    reference = _final_hidden(model, located, layers, batches)
+    removed: list[int] = []
+    groups, trials = {}, []
+    base = len(layers) - group
+    while len(removed) < ctx.target and base >= lowest:
+        srcs = list(range(base + 1, min(base + group, len(layers))))[: ctx.target - len(removed)]
+        saved = {rel: m.weight.detach().clone() for rel, m in linear[base].items()}
+        with torch.no_grad():
+            for rel, m in linear[base].items():
+                m.weight.add_(sum(linear[s][rel].weight - saved[rel] for s in srcs))
+        keep = [layers[j] for j in range(len(layers)) if j not in removed and j not in srcs]
+        sim = _similarity(_final_hidden(model, located, keep, batches), reference, batches)
+        trials.append({"base": base, "sources": srcs, "similarity": sim, "accepted": sim > threshold})
+        if sim > threshold:
+            removed += srcs
+            groups[str(base)] = srcs
+            base -= group
+        else:
+            with torch.no_grad():
+                for rel, m in linear[base].items():
+                    m.weight.copy_(saved[rel])
+            base -= 1
+    order = {j: i for i, j in enumerate(removed)}
+    n = len(layers)
+    # collapsed layers: 0 < score < 1, first collapsed lowest; the rest above 1, deeper = lower.
+    scores = [(1 + order[j]) / (len(removed) + 1) if j in order else 1.0 + (n - j) / n for j in range(n)]
+    return {"layer_scores": scores, "laco": {"groups": groups, "trials": trials, "threshold": threshold,
+                                             "group": group, "shortfall": ctx.target - len(removed)}}
+
+
+@dataclass(frozen=True)
+class Method:
+    fn: object
+    trains: bool        # runs optimizer steps (costs like fine-tuning)
+    factors: bool       # writes igia.safetensors (needed by the IGIA merge rules)
+    about: str
+
+
+METHODS: dict[str, Method] = {
+    "igia": Method(None, True, True, "the paper: Σ F_W of T early LoRA steps (Eq. 2–4)"),
+    "igia_norm": Method(None, True, True, "the authors' release: unsquared ‖G‖_F summed over steps"),
+    "full_grad": Method(full_grad, True, False, "Eq. 3–4 on true dense-weight gradients (T full FT steps)"),
+    "block_influence": Method(block_influence, False, False, "ShortGPT: 1 − cos(input, output) per layer"),
+    "taylor": Method(taylor, False, False, "Σ |W ⊙ ∇W| per layer on task data (LLM-Pruner's first order)"),
+    "magnitude": Method(magnitude, False, False, "Σ |W| per layer"),
+    "last_n": Method(last_n, False, False, "drop the top layers"),
+    "random": Method(random_order, False, False, "seeded random ranking"),
+    "laco": Method(laco, False, False, "LaCo layer collapse (merge with prune.merge_rule laco)"),
+}

@@ -1,0 +1,141 @@
+"""Layer-selection methods: each against a direct computation on a tiny model."""
+import json
+
+import pytest
+import torch
+
+from gradpruner import api
+from gradpruner.data import PadCollator
+from gradpruner.errors import GradPrunerError
+from gradpruner.models import load_model, load_tokenizer
+from gradpruner.selection import METHODS, Context, block_influence, laco, last_n, magnitude, random_order, taylor
+
+from helpers import make_tiny_tokenizer, qa_rows
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def ctx(tiny_llama):
+    from gradpruner.data import load_examples, tokenize
+
+    model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
+    import tempfile
+    from pathlib import Path
+
+    from helpers import write_jsonl
+
+    with tempfile.TemporaryDirectory() as d:
+        examples = load_examples(data=write_jsonl(Path(d) / "qa.jsonl", qa_rows(24)), split="train")
+    feats = tokenize(examples, tok, max_length=64)
+    return Context(model, tok, feats, seed=0, calib_examples=12, batch_size=4, steps=3, lr=1e-3)
+
+
+def _layers(model):
+    return model.model.layers
+
+
+def test_block_influence_is_one_minus_cosine_from_hidden_states(ctx):
+    got = block_influence(ctx)["layer_scores"]
+    # by hand: hidden_states[j] is the input of layer j; the last layer's output is taken before the final norm
+    num, den = [0.0] * len(got), 0.0
+    with torch.no_grad():
+        for b in ctx.batches():
+            outs = []
+            h = _layers(ctx.model)[-1].register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+            hs = ctx.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
+                           use_cache=False).hidden_states
+            h.remove()
+            states = list(hs[:-1]) + [outs[0]]
+            m = b["attention_mask"].float()
+            den += float(m.sum())
+            for j in range(len(got)):
+                cos = torch.nn.functional.cosine_similarity(states[j], states[j + 1], dim=-1)
+                num[j] += float((cos * m).sum())
+    expect = [1 - n / den for n in num]
+    assert got == pytest.approx(expect, rel=1e-5, abs=1e-6)
+
+
+def test_taylor_is_abs_weight_times_gradient(ctx):
+    got = taylor(ctx)["layer_scores"]
+    model = ctx.model
+    model.zero_grad()
+    batches = ctx.batches()
+    for b in batches:
+        (model(**b).loss / len(batches)).backward()
+    expect = [float(sum((p * p.grad).abs().sum() for p in layer.parameters())) for layer in _layers(model)]
+    assert got == pytest.approx(expect, rel=1e-5)
+
+
+def test_magnitude_last_n_random(ctx):
+    n = len(_layers(ctx.model))
+    mags = magnitude(ctx)["layer_scores"]
+    assert mags[2] == pytest.approx(float(sum(p.abs().sum() for p in _layers(ctx.model)[2].parameters())))
+    assert last_n(ctx)["layer_scores"] == [float(n - j) for j in range(n)]
+    r1, r2 = random_order(ctx)["layer_scores"], random_order(ctx)["layer_scores"]
+    assert r1 == r2 and sorted(r1) == [float(i) for i in range(1, n + 1)]
+    ctx.seed = 1
+    assert random_order(ctx)["layer_scores"] != r1
+
+
+def test_laco_collapses_rear_layers_into_their_base(ctx):
+    before = {j: {k: v.clone() for k, v in layer.state_dict().items()} for j, layer in enumerate(_layers(ctx.model))}
+    ctx.target, ctx.options = 3, {"laco_group": 4, "laco_threshold": -1.0}  # accept every collapse
+    res = laco(ctx)
+    n = len(_layers(ctx.model))
+    assert res["laco"]["groups"] == {str(n - 4): [n - 3, n - 2, n - 1]} and res["laco"]["shortfall"] == 0
+    scores = res["layer_scores"]
+    assert sorted(range(n), key=lambda j: scores[j])[:3] == [n - 3, n - 2, n - 1]
+    base = n - 4  # θ_base += Σ (θ_k − θ_base) on the linear modules
+    w = _layers(ctx.model)[base].self_attn.q_proj.weight
+    key = "self_attn.q_proj.weight"
+    expect = before[base][key] + sum(before[k][key] - before[base][key] for k in (n - 3, n - 2, n - 1))
+    assert torch.allclose(w, expect, atol=1e-6)
+    # threshold 1.01 can never be met: nothing collapses, the whole target is a shortfall
+    ctx2 = Context(load_model(ctx.model.name_or_path), ctx.tokenizer, ctx.features, calib_examples=4, target=2,
+                   options={"laco_threshold": 1.01})
+    assert laco(ctx2)["laco"]["shortfall"] == 2
+
+
+def test_laco_needs_a_target(ctx):
+    with pytest.raises(GradPrunerError, match="--prune N"):
+        laco(ctx)
+
+
+@pytest.mark.parametrize("method", ["block_influence", "taylor", "magnitude", "last_n", "random", "full_grad", "igia_norm"])
+def test_score_writes_the_same_scores_file_for_every_method(method, tiny_llama, qa_file, tmp_path):
+    res = api.score(str(tiny_llama), tmp_path / "s", data=qa_file, method=method, steps=3, batch_size=4, lr=1e-3,
+                    calib_examples=8, max_length=64)
+    data = json.loads((tmp_path / "s" / "scores.json").read_text())
+    assert data["method"] == method and len(data["layer_scores"]) == data["num_layers"] == 8
+    assert (tmp_path / "s" / "layer_scores.png").is_file()
+    assert (tmp_path / "s" / "igia.safetensors").is_file() == METHODS[method].factors
+    if method == "igia_norm":
+        assert data["layer_scores"] == data["layer_scores_by_rule"]["igia_norm"]
+    if method == "full_grad":
+        assert len(data["step_layer_sq_norms"]) == 3 and res["steps"] == 3
+    plan = api.plan(tmp_path / "s" / "scores.json", tmp_path / "plan.json", prune=3)
+    order = sorted(range(8), key=lambda j: (data["layer_scores"][j], j))
+    assert plan["drop"] == sorted(order[:3]) and plan["method"] == method
+
+
+def test_unknown_method_and_merge_without_factors(tiny_llama, qa_file, tmp_path):
+    with pytest.raises(GradPrunerError, match="block_influence"):
+        api.score(str(tiny_llama), tmp_path / "s", data=qa_file, method="block_influense")
+    api.score(str(tiny_llama), tmp_path / "s", data=qa_file, method="magnitude")
+    api.plan(tmp_path / "s" / "scores.json", tmp_path / "plan.json", prune=3, merge=1)
+    with pytest.raises(GradPrunerError, match="ties, laco or none"):
+        api.prune(str(tiny_llama), tmp_path / "plan.json", tmp_path / "p")
+    meta = api.prune(str(tiny_llama), tmp_path / "plan.json", tmp_path / "p", merge_rule="ties")
+    assert meta["merge_stats"] and not (tmp_path / "p" / "model.safetensors").is_symlink()
+
+
+def test_dora_adapter_scores(tiny_llama, qa_file, tmp_path):
+    res = api.score(str(tiny_llama), tmp_path / "s", data=qa_file, steps=3, batch_size=4, lr=1e-3, adapter="dora")
+    assert res["adapter"] == "dora" and res["informative_steps"] >= 1 and sum(res["layer_scores"]) > 0
