@@ -139,3 +139,23 @@ def test_unknown_method_and_merge_without_factors(tiny_llama, qa_file, tmp_path)
 def test_dora_adapter_scores(tiny_llama, qa_file, tmp_path):
     res = api.score(str(tiny_llama), tmp_path / "s", data=qa_file, steps=3, batch_size=4, lr=1e-3, adapter="dora")
     assert res["adapter"] == "dora" and res["informative_steps"] >= 1 and sum(res["layer_scores"]) > 0
+
+
+def test_cli_score_method_then_sensitivity(tiny_llama, qa_file, tmp_path, capsys):
+    from gradpruner.cli import main
+
+    assert main(["score", "--model", str(tiny_llama), "--data", str(qa_file), "--method", "last_n",
+                 "--out", str(tmp_path / "n")]) == 0
+    assert "method last_n" in capsys.readouterr().out
+    assert main(["score", "--model", str(tiny_llama), "--data", str(qa_file), "--method", "lastn",
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "last_n" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main(["score", "--model", str(tiny_llama), "--data", str(qa_file), "--steps", "4", "--batch-size", "4",
+                 "--lr", "1e-3", "--out", str(tmp_path / "i")]) == 0
+    assert main(["sensitivity", str(tmp_path / "i" / "scores.json"), "--k", "3", "--out", str(tmp_path / "sens")]) == 0
+    curve = json.loads((tmp_path / "sens" / "sensitivity.json").read_text())
+    assert curve["steps"] == [1, 2, 3, 4] and curve["overlap"][-1] == 1.0
+    assert (tmp_path / "sens" / "sensitivity.png").is_file()
+    # a baseline's scores have no per-step record: one clear error
+    assert main(["sensitivity", str(tmp_path / "n" / "scores.json"), "--k", "3"]) == 2
+    assert "step_layer_sq_norms" in capsys.readouterr().err

@@ -109,12 +109,15 @@ def run_grid(path: str | Path, extra: list[str] = (), echo=print, isolate: bool 
     reuse = [Path(p) for p in spec.get("reuse") or []]
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.yaml").write_text(Path(path).read_text(encoding="utf-8"))
-    started = time.monotonic()
+    started, worked = time.monotonic(), []  # seconds of cells that computed something (for the ETA)
     for i, (labels, cfg) in enumerate(cells, 1):
-        done_s = time.monotonic() - started
-        eta = f", ETA ≈{done_s / (i - 1) * (len(cells) - i + 1) / 60:.0f} min" if i > 1 else ""
-        echo(f"[{i}/{len(cells)}] {Path(cfg.out).name} ({done_s / 60:.1f} min so far{eta})")
-        run(cfg, echo=echo, isolate=isolate, store=store, reuse=reuse)
+        so_far = time.monotonic() - started
+        eta = f", ETA ≈{sum(worked) / len(worked) * (len(cells) - i + 1) / 60:.0f} min" if worked else ""
+        echo(f"[{i}/{len(cells)}] {Path(cfg.out).name} ({so_far / 60:.1f} min so far{eta})")
+        t0, log = time.monotonic(), []
+        run(cfg, echo=lambda m: (log.append(m), echo(m)), isolate=isolate, store=store, reuse=reuse)
+        if any("→ " in m for m in log):
+            worked.append(time.monotonic() - t0)
         write_table(out, cells)
     return write_table(out, cells)
 

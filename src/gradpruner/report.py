@@ -93,11 +93,29 @@ def build_blocks(run_dir: Path) -> list[tuple]:
             how = f"Method {method}" + (f", {scores['steps']} training steps." if scores.get("steps") else ", no training steps.")
         blocks += [("h2", "Layer scores and plan"), ("p", f"Scoring method: {method}. {how}"),
                    ("img", run_dir / "layer_scores.png", title), ("pre", plan_summary(plan))]
+        blocks += _sensitivity_blocks(scores, len(plan["drop"]), run_dir)
     if stages:
         rows, note = _cost_table(stages)
         blocks += [("h2", "Cost of every stage"), ("table", rows)] + ([("p", note)] if note else [])
     blocks += [("h2", "Config"), ("pre", cfg_text)]
     return blocks
+
+
+def _sensitivity_blocks(scores: dict, k: int, run_dir: Path) -> list:
+    """Paper Fig. 2 for this run: do the k layers removed after s scoring steps match those after T?"""
+    from .sensitivity import agreement_curve, first_stable_step, plot_curve
+
+    steps = scores.get("step_layer_sq_norms") or []
+    if len(steps) < 2 or not 1 <= k < len(steps[0]):
+        return []
+    curve = agreement_curve(steps, k)
+    plot_curve(curve, run_dir / "sensitivity.png")
+    stable = first_stable_step(curve)
+    return [("h2", "How soon the ranking settles"),
+            ("p", f"Share of the {k} layers chosen for removal after s scoring steps that are also chosen after all "
+                  f"{len(steps)} steps (and the rank correlation of all layer scores). "
+                  + (f"The removed set is final from step {stable} on." if stable else "The removed set never settles.")),
+            ("img", run_dir / "sensitivity.png", "removed-set agreement vs scoring steps")]
 
 
 def _md(blocks, run_dir: Path) -> str:

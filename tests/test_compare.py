@@ -1,0 +1,96 @@
+"""`gradpruner compare` on a tiny model: the grid, the shared store, reuse of earlier runs, the table."""
+import csv
+import json
+
+import pytest
+import torch
+import yaml
+
+from gradpruner.cli import main
+from gradpruner.compare import load_grid, run_grid
+from gradpruner.config import config_from_dict
+from gradpruner.errors import GradPrunerError
+from gradpruner.pipeline import run
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _base(model) -> dict:
+    return {"model": str(model), "task": "arc_easy", "out": "unused", "seed": 0,
+            "score": {"steps": 2, "batch_size": 4, "max_length": 64, "lr": 1e-3, "calib_examples": 4},
+            "plan": {"prune": 3, "merge": 1},
+            "finetune": {"mode": "lora", "max_steps": 1, "batch_size": 4, "max_length": 64, "limit": 16},
+            "eval": {"limit": 4, "batch_size": 4, "pruned_no_finetune": False}}
+
+
+def _write(tmp_path, model, axes, **extra):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(_base(model)))
+    spec = {"base": "base.yaml", "out": str(tmp_path / "cmp"), "axes": axes, **extra}
+    (tmp_path / "cmp.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return tmp_path / "cmp.yaml"
+
+
+METHODS = {"gradpruner": {}, "last_n": {"score.method": "last_n", "plan.merge": 0},
+           "laco": {"score.method": "laco", "plan.merge": 3, "prune.merge_rule": "laco", "score.laco_threshold": -1}}
+
+
+def test_compare_grid_shares_stages_and_writes_the_table(tiny_llama, tmp_path):
+    path = _write(tmp_path, tiny_llama, {"task": {"key": "task", "values": ["arc_easy"]}, "method": METHODS})
+    log: list[str] = []
+    table = run_grid(path, echo=log.append, isolate=False)
+    ran = [m.split("→ ")[1] for m in log if "→ " in m]
+    assert ran.count("dense_ft") == 1 and ran.count("eval_dense_ft") == 1  # shared by the three cells
+    assert ran.count("score") == 3 and ran.count("pruned_ft") == 3
+    rows = json.loads((tmp_path / "cmp" / "table.json").read_text())
+    assert [r["method"] for r in rows] == ["igia", "last_n", "laco"] and [r["merged"] for r in rows] == [1, 0, 3]
+    assert all(0 <= r["pruned_ft"] <= 1 and r["removed"] == 3 for r in rows)
+    last_n = rows[1]
+    plan = json.loads((tmp_path / "cmp" / "cells" / "task=arc_easy,method=last_n" / "plan.json").read_text())
+    assert plan["drop"] == [5, 6, 7]
+    md = table.read_text()
+    assert "| method | arc_easy | avg |" in md and "| last_n |" in md and "![accuracy](accuracy.png)" in md
+    assert len(list(csv.DictReader((tmp_path / "cmp" / "table.csv").open()))) == 3
+    assert last_n["dense_ft"] == rows[0]["dense_ft"]
+    # a second run computes nothing and gives the same table
+    log.clear()
+    run_grid(path, echo=log.append, isolate=False)
+    assert not [m for m in log if "→ " in m]
+    assert json.loads((tmp_path / "cmp" / "table.json").read_text()) == rows
+
+
+def test_compare_reuses_an_earlier_run_folder(tiny_llama, tmp_path):
+    cfg = config_from_dict(_base(tiny_llama), [f"out={tmp_path / 'earlier'}"])
+    run(cfg, echo=lambda m: None, isolate=False)
+    path = _write(tmp_path, tiny_llama, {"method": {"gradpruner": {}}}, reuse=[str(tmp_path / "earlier")])
+    log: list[str] = []
+    run_grid(path, echo=log.append, isolate=False)
+    assert not [m for m in log if "→ " in m]  # every stage had the same key in the earlier folder
+    assert sum("reused from" in m for m in log) == 8
+
+
+def test_compare_validates_every_cell_before_running(tiny_llama, tmp_path):
+    bad = {"igia": {}, "typo": {"score.method": "block_influense", "plan.merge": 0},
+           "merge_without_factors": {"score.method": "taylor"}}
+    path = _write(tmp_path, tiny_llama, {"method": bad})
+    with pytest.raises(GradPrunerError) as err:
+        load_grid(path)
+    text = str(err.value)
+    assert "cell method=typo" in text and "block_influence" in text
+    assert "cell method=merge_without_factors" in text and "plan.merge: 0" in text
+    assert not (tmp_path / "cmp").exists()
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump({"base": {}, "out": "o", "axes": {"a": [1, 2]}}))
+    assert main(["compare", str(tmp_path / "x.yaml")]) == 2
+
+
+def test_compare_dry_run_lists_cells(tiny_llama, tmp_path, capsys):
+    path = _write(tmp_path, tiny_llama, {"task": {"key": "task", "values": ["arc_easy", "piqa"]},
+                                         "density": {"key": "prune.density", "values": [0.1, 0.5]}})
+    assert main(["compare", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "task=piqa,density=0.5" in out and "4 cells" in out and not (tmp_path / "cmp").exists()
