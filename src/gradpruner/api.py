@@ -151,8 +151,11 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
 # --- plan -------------------------------------------------------------------------------------
 
 def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_params: float | None = None,
-         merge: int = 0, rule: str | None = None, overwrite: bool = False) -> dict:
-    """Apply the GUIDE §1.5 rule to a scores file and write plan.json."""
+         merge: int = 0, rule: str | None = None, granularity: str = "layer", overwrite: bool = False) -> dict:
+    """Apply the GUIDE §1.5 rule to a scores file and write plan.json.
+
+    With ``granularity="hidden"`` (paper Appendix D) the same parameter budget is taken from the
+    residual-stream width instead of from whole layers (see ``width``)."""
     data = read_json(scores, "Scores file")
     if "layer_scores" not in data:
         raise GradPrunerError(f"Scores file {scores} has no layer_scores; make it with `gradpruner score`.")
@@ -169,11 +172,36 @@ def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_p
         if not data.get("layer_params"):
             raise GradPrunerError(f"Scores file {scores} records no layer_params; use --prune N instead of --target-params.")
         prune = planning.layers_for_target(layer_scores, data["layer_params"], data["total_params"], target_params)
+    if granularity not in ("layer", "hidden"):
+        raise GradPrunerError(f"--granularity {granularity!r} is not known; use layer or hidden.")
     result = planning.make_plan(layer_scores, prune, merge, data.get("layer_params"), data.get("total_params"))
+    if granularity == "hidden":
+        result = _hidden_plan(scores, data, result)
     result.update({"scores_file": str(Path(scores).resolve()), "model": data.get("model"),
                    "method": data.get("method", "igia"), "score_rule": rule or data.get("method", "igia")})
     write_json(out, result)
     return result
+
+
+def _hidden_plan(scores, data: dict, layer_plan: dict) -> dict:
+    """Keep every layer; drop residual-stream dimensions worth the layer plan's parameters."""
+    from . import width
+
+    factors = Path(scores).with_name("igia.safetensors")
+    if not factors.is_file() or not layer_plan.get("params"):
+        raise GradPrunerError(f"Hidden-size pruning needs the IGIA factors and layer sizes of `gradpruner score --method "
+                              f"igia` beside {scores}; score with the igia method.")
+    config = load_config(data["model"])
+    d, removed = config.hidden_size, layer_plan["params"]["removed_fraction"]
+    hidden = width.width_plan(width.dim_scores(factors, d), 1 - removed, multiple=config.num_attention_heads)
+    total = layer_plan["params"]["total_before"]
+    after = round(total * len(hidden["keep_dims"]) / d)
+    n = layer_plan["num_layers"]
+    return {"num_layers": n, "keep": list(range(n)), "drop": [], "merge": {}, "granularity": "hidden", "hidden": hidden,
+            "layer_scores": layer_plan.get("layer_scores"),
+            "params": {"total_before": total, "total_after": after, "removed_fraction": 1 - after / total},
+            "rule": f"keep the {len(hidden['keep_dims'])} of {d} hidden dimensions with the largest IGIA, the "
+                    f"parameter budget of removing {len(layer_plan['drop'])} layers"}
 
 
 # --- prune ------------------------------------------------------------------------------------
@@ -201,6 +229,10 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
     tok = load_tokenizer(source, trust_remote_code)
     stats = merge_layers(model_obj, the_plan["merge"], factors, density, merge_rule) if the_plan["merge"] else {}
     remove_layers(model_obj, the_plan["keep"])
+    if the_plan.get("hidden") is not None:
+        from .width import prune_width, validate_width
+
+        prune_width(model_obj, validate_width(the_plan["hidden"], model_obj.config))
     meta = {"plan": the_plan, "density": density, "merge_rule": merge_rule, "source": str(source),
             "igia": str(factors) if factors else None, "merge_stats": stats, "versions": _versions()}
     with atomic_dir(out, overwrite=overwrite) as tmp:

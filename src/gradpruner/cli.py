@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--target-params", type=float, help="fraction of the model's parameters to remove, e.g. 0.4")
     p.add_argument("--merge", type=int, default=0, help="how many of the removed layers to merge (M ≤ N)")
     p.add_argument("--rule", help="default: the scores' own method; for IGIA scores also igia or igia_norm (authors' release)")
+    p.add_argument("--granularity", default="layer", help="layer (default) or hidden: drop the same parameters as "
+                   "residual-stream dimensions ranked by IGIA (paper Appendix D)")
     _add_out(p, "plan.json to write")
 
     r = sub.add_parser("prune", help="merge and remove layers per plan.json; save a standard checkpoint")
@@ -156,7 +158,7 @@ def _run(args) -> int:
         from .planning import plan_summary
 
         res = api.plan(args.scores, args.out, prune=args.prune, target_params=args.target_params, merge=args.merge,
-                       rule=args.rule, overwrite=args.overwrite)
+                       rule=args.rule, granularity=args.granularity, overwrite=args.overwrite)
         print(plan_summary(res))
         print(f"wrote {args.out}")
     elif args.command == "prune":

@@ -39,6 +39,7 @@ class PlanConfig:
     target_params: float | None = None  # fraction of all parameters to remove (instead of prune)
     merge: int = 3               # of the removed layers, how many are merged
     rule: str | None = None      # None: the scoring method's own scores; igia | igia_norm: that IGIA variant
+    granularity: str = "layer"   # layer | hidden: remove whole layers, or the same parameters as hidden dimensions
 
 
 @dataclass
@@ -228,6 +229,10 @@ def _check_methods(cfg: RunConfig) -> list[str]:
                    "(ties, laco, none), or score.method: igia.")
     if cfg.score.method == "laco" and cfg.plan.prune is None:
         out.append("score.method laco needs plan.prune (the number of layers to collapse), not plan.target_params.")
+    if cfg.plan.granularity not in ("layer", "hidden"):
+        out.append(f"plan.granularity is {cfg.plan.granularity!r}; use layer or hidden.")
+    elif cfg.plan.granularity == "hidden" and not method.factors:
+        out.append(f"plan.granularity hidden ranks hidden dimensions by IGIA; use score.method igia, not {cfg.score.method}.")
     if cfg.score.adapter not in ("lora", "dora"):
         out.append(f"score.adapter is {cfg.score.adapter!r}; use lora or dora.")
     return out

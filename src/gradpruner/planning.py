@@ -25,7 +25,7 @@ from collections import Counter
 from .errors import GradPrunerError
 
 REQUIRED_KEYS = ("num_layers", "keep", "drop")
-OPTIONAL_KEYS = ("merge", "layer_scores", "params", "rule")
+OPTIONAL_KEYS = ("merge", "layer_scores", "params", "rule", "granularity", "hidden")
 
 
 def _is_int(x) -> bool:
@@ -313,6 +313,10 @@ def plan_summary(plan: dict) -> str:
         f"Dropped ({len(p['drop'])}): {_ranges(p['drop'])}",
         "Merged: " + (", ".join(f"{s} -> {d}" for s, d in sorted(merge.items())) or "none"),
     ]
+    hidden = p.get("hidden")
+    if isinstance(hidden, dict) and isinstance(hidden.get("keep_dims"), list):
+        lines.append(f"Hidden size: {hidden.get('hidden_size')} -> {len(hidden['keep_dims'])} (residual-stream "
+                     f"dimensions dropped in every layer: {len(hidden.get('drop_dims', []))})")
     params = p.get("params")
     if params:
         lines.append(f"Parameters: {params['total_before']:,} -> {params['total_after']:,} "
