@@ -133,7 +133,7 @@ def _cell_row(labels: dict, cfg: RunConfig) -> dict:
     stages = {p.stem: json.loads(p.read_text()) for p in (d / "stages").glob("*.json") if not p.name.startswith(".")
               and not p.name.endswith(".started.json")} if (d / "stages").is_dir() else {}
     any_eval = next(iter(evals.values()), {})
-    row.update({"task": cfg.task or cfg.data, "method": cfg.score.method, "metric": any_eval.get("metric"),
+    row.update({"task": cfg.task or cfg.data, "score_method": cfg.score.method, "metric": any_eval.get("metric"),
                 "removed": len(plan.get("drop", [])), "merged": len(plan.get("merge", {})),
                 "merge_rule": cfg.prune.merge_rule, "density": cfg.prune.density})
     for n in EVAL_NAMES:
@@ -152,7 +152,7 @@ def _fmt(v) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:+.3f}" if False else f"{v:.3f}"
+        return f"{v:.3f}"
     return str(v)
 
 
@@ -183,7 +183,7 @@ def _md(table: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-LONG_COLS = ("metric", "removed", "merged", "merge_rule", "density", "dense_zero_shot", "dense_ft", "pruned",
+LONG_COLS = ("score_method", "metric", "removed", "merged", "merge_rule", "density", "dense_zero_shot", "dense_ft", "pruned",
              "pruned_ft", "delta_vs_dense_ft", "params_ratio", "n", "score_s", "pruned_ft_s", "dense_ft_s")
 
 
