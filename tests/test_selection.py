@@ -97,10 +97,14 @@ def test_laco_collapses_rear_layers_into_their_base(ctx):
     key = "self_attn.q_proj.weight"
     expect = before[base][key] + sum(before[k][key] - before[base][key] for k in (n - 3, n - 2, n - 1))
     assert torch.allclose(w, expect, atol=1e-6)
-    # threshold 1.01 can never be met: nothing collapses, the whole target is a shortfall
+    # threshold 1.01 can never be met: the most similar collapse tried is forced to reach the target
     ctx2 = Context(load_model(ctx.model.name_or_path), ctx.tokenizer, ctx.features, calib_examples=4, target=2,
                    options={"laco_threshold": 1.01})
-    assert laco(ctx2)["laco"]["shortfall"] == 2
+    res2 = laco(ctx2)["laco"]
+    best = max(res2["trials"], key=lambda t: t["similarity"])
+    assert not any(t["accepted"] for t in res2["trials"]) and len(res2["trials"]) == n - 4
+    assert res2["forced"] == [str(best["base"])] and res2["groups"] == {str(best["base"]): best["sources"][:2]}
+    assert res2["shortfall"] == 0
 
 
 def test_laco_needs_a_target(ctx):

@@ -75,7 +75,8 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     from .selection import METHODS, Context
 
     spec = lookup(METHODS, method, "scoring method")
-    steps = resolve_steps(steps, steps_fraction, planned_steps)
+    if spec.trains or steps_fraction is not None:
+        steps = resolve_steps(steps, steps_fraction, planned_steps)
     if adapter not in ("lora", "dora"):
         raise GradPrunerError(f"--adapter {adapter!r} is not known; use lora or dora.")
     if calib_examples < 1:

@@ -118,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="compare config, e.g. configs/compare_methods.yaml (see docs/commands.md#compare)")
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     c.add_argument("--dry-run", action="store_true", help="validate the grid and list its cells, run nothing")
+    c.add_argument("--table-only", action="store_true", help="rewrite the table from the cells finished so far, run nothing")
 
-    se = sub.add_parser("sensitivity", help="how soon the IGIA ranking settles (paper Fig. 2) from a scores.json")
-    se.add_argument("scores", help="scores.json of an IGIA scoring run")
+    se = sub.add_parser("sensitivity", help="how soon a layer ranking settles (paper Fig. 2): igia or full_grad scores.json")
+    se.add_argument("scores", help="scores.json of an igia, igia_norm or full_grad run (uses the igia rule: mean of squared norms)")
     se.add_argument("--k", type=int, required=True, help="size of the layer set compared (e.g. the layers removed)")
     se.add_argument("--reference", help="scores.json of a longer run to compare against (default: the last step)")
     se.add_argument("--which", default="bottom", help="bottom (the k least important, default) or top")
@@ -194,9 +195,12 @@ def _run(args) -> int:
 
         run(load_config(args.config, args.overrides))
     elif args.command == "compare":
-        from .compare import load_grid, run_grid
+        from .compare import load_grid, run_grid, write_table
 
-        if args.dry_run:
+        if args.table_only:
+            out, cells = load_grid(args.config, args.overrides)
+            print(f"wrote {write_table(out, cells)}")
+        elif args.dry_run:
             out, cells = load_grid(args.config, args.overrides)
             print("\n".join(f"  {Path(cfg.out).name}" for _, cfg in cells) + f"\n{len(cells)} cells -> {out}")
         else:

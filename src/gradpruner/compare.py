@@ -108,7 +108,8 @@ def run_grid(path: str | Path, extra: list[str] = (), echo=print, isolate: bool 
     store = Path(spec.get("store") or out / "store")
     reuse = [Path(p) for p in spec.get("reuse") or []]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.yaml").write_text(Path(path).read_text(encoding="utf-8"))
+    text = Path(path).read_text(encoding="utf-8")
+    (out / "compare.yaml").write_text(text + (f"\n# command-line overrides: {list(extra)}\n" if extra else ""))
     started, worked = time.monotonic(), []  # seconds of cells that computed something (for the ETA)
     for i, (labels, cfg) in enumerate(cells, 1):
         so_far = time.monotonic() - started
@@ -126,7 +127,7 @@ def run_grid(path: str | Path, extra: list[str] = (), echo=print, isolate: bool 
 
 def _cell_row(labels: dict, cfg: RunConfig) -> dict:
     d = Path(cfg.out)
-    row = dict(labels)
+    row = {}
     evals = {n: json.loads((d / "eval" / f"{n}.json").read_text()) for n in EVAL_NAMES
              if (d / "eval" / f"{n}.json").is_file()}
     plan = json.loads((d / "plan.json").read_text()) if (d / "plan.json").is_file() else {}
@@ -134,7 +135,7 @@ def _cell_row(labels: dict, cfg: RunConfig) -> dict:
               and not p.name.endswith(".started.json")} if (d / "stages").is_dir() else {}
     any_eval = next(iter(evals.values()), {})
     row.update({"task": cfg.task or cfg.data, "score_method": cfg.score.method, "metric": any_eval.get("metric"),
-                "removed": len(plan.get("drop", [])), "merged": len(plan.get("merge", {})),
+                "removed": len(plan["drop"]) if plan else None, "merged": len(plan.get("merge", {})) if plan else None,
                 "merge_rule": cfg.prune.merge_rule, "density": cfg.prune.density})
     for n in EVAL_NAMES:
         row[n] = evals[n]["value"] if n in evals else None
@@ -145,7 +146,7 @@ def _cell_row(labels: dict, cfg: RunConfig) -> dict:
     row["score_s"] = stages.get("score", {}).get("usage", {}).get("seconds")
     row["pruned_ft_s"] = stages.get("pruned_ft", {}).get("usage", {}).get("seconds")
     row["dense_ft_s"] = stages.get("dense_ft", {}).get("usage", {}).get("seconds")
-    return row
+    return {**row, **labels}  # an axis named like a column (e.g. "merged") shows its label
 
 
 def _fmt(v) -> str:
@@ -217,7 +218,7 @@ def _plots(out: Path, rows: list[dict], axes: list[str]) -> list[Path]:
     """Grouped bars of pruned+FT accuracy per cell; lines of accuracy vs layers removed if that varies."""
     from .reporting import plot_accuracy_lines, plot_grouped
 
-    done = [r for r in rows if r.get("pruned_ft") is not None]
+    done = [r for r in rows if r.get("pruned_ft") is not None and r.get("removed") is not None]
     if not done:
         return []
     paths = [plot_grouped(done, axes, out / "accuracy.png")]

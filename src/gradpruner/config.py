@@ -227,6 +227,10 @@ def _check_methods(cfg: RunConfig) -> list[str]:
         out.append(f"plan.merge is {cfg.plan.merge} but score.method {cfg.score.method} writes no IGIA factors, "
                    f"which prune.merge_rule {rule} needs; set plan.merge: 0, or a merge rule without IGIA "
                    "(ties, laco, none), or score.method: igia.")
+    if cfg.plan.rule is not None and cfg.plan.rule != cfg.score.method and not (
+            method.factors and cfg.plan.rule in ("igia", "igia_norm")):
+        out.append(f"plan.rule {cfg.plan.rule!r} does not fit score.method {cfg.score.method}; leave plan.rule null "
+                   "(the method's own scores) or, for IGIA scores, use igia or igia_norm.")
     if cfg.score.method == "laco" and cfg.plan.prune is None:
         out.append("score.method laco needs plan.prune (the number of layers to collapse), not plan.target_params.")
     if cfg.plan.granularity not in ("layer", "hidden"):

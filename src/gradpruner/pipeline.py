@@ -56,7 +56,9 @@ class Run:
         data = {"model": cfg.model, "task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data,
                 "data_dir": cfg.data_dir, "seed": cfg.seed}
         self.keys = {"data": _key(data)}
-        self.keys["score"] = _key(self.keys["data"], _section("score", cfg.score))
+        # LaCo's scores depend on how many layers it must collapse
+        laco = [cfg.plan.prune, "laco-2"] if cfg.score.method == "laco" else []
+        self.keys["score"] = _key(self.keys["data"], _section("score", cfg.score), *laco)
         self.keys["plan"] = _key(self.keys["score"], _section("plan", cfg.plan))
         self.keys["prune"] = _key(self.keys["plan"], _section("prune", cfg.prune))
         ft = {k: v for k, v in asdict(cfg.finetune).items() if k != "dense_baseline"}

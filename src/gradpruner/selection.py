@@ -187,7 +187,9 @@ def laco(ctx: Context) -> dict:
     below them, θ_base += Σ_k (θ_k − θ_base) on the linear modules, and keep the collapse only if the
     last hidden states on calibration data stay cosine-similar (> ``laco_threshold``) to the original
     model's; otherwise move one layer down. Groups never overlap (interval = group size), so every
-    merge is expressible as a plan; stops when ``target`` layers are collapsed.
+    merge is expressible as a plan; stops when ``target`` layers are collapsed. If the threshold
+    rejects too many collapses to reach ``target``, the most similar rejected ones are taken
+    ("forced", recorded in scores.json) so that every method removes the same number of layers.
 
     Collapsed layers get the lowest scores in the order they were collapsed; the plan then merges
     each into the nearest kept layer below it — its LaCo base — with ``prune.merge_rule: laco``."""
@@ -208,7 +210,9 @@ def laco(ctx: Context) -> dict:
     removed: list[int] = []
     groups, trials = {}, []
     base = len(layers) - group
+    bar = tqdm(desc="laco collapses tried", unit="trial")
     while len(removed) < ctx.target and base >= lowest:
+        bar.update(1)
         srcs = list(range(base + 1, min(base + group, len(layers))))[: ctx.target - len(removed)]
         saved = {rel: m.weight.detach().clone() for rel, m in linear[base].items()}
         with torch.no_grad():
@@ -226,12 +230,40 @@ def laco(ctx: Context) -> dict:
                 for rel, m in linear[base].items():
                     m.weight.copy_(saved[rel])
             base -= 1
+    bar.close()
+    forced = _force(trials, removed, groups, linear, ctx.target)
     order = {j: i for i, j in enumerate(removed)}
     n = len(layers)
-    # collapsed layers: 0 < score < 1, first collapsed lowest; the rest above 1, deeper = lower.
-    scores = [(1 + order[j]) / (len(removed) + 1) if j in order else 1.0 + (n - j) / n for j in range(n)]
+    bases = {int(b) for b in groups}
+    # collapsed layers: 0 < score < 1, first collapsed lowest; bases highest (never removed without
+    # their collapse); any other layer in between, deeper = lower.
+    scores = [(1 + order[j]) / (len(removed) + 1) if j in order else (3.0 if j in bases else 1.0 + (n - j) / n)
+              for j in range(n)]
     return {"layer_scores": scores, "laco": {"groups": groups, "trials": trials, "threshold": threshold,
-                                             "group": group, "shortfall": ctx.target - len(removed)}}
+                                             "group": group, "forced": forced, "shortfall": ctx.target - len(removed)}}
+
+
+def _force(trials: list[dict], removed: list[int], groups: dict, linear: dict, target: int) -> list[str]:
+    """When fewer than ``target`` layers passed the threshold, take the rejected collapses with the
+    highest similarity (non-overlapping) until the target is met, and say so: LaCo as published would
+    stop short of the budget instead."""
+    used = set(removed) | {int(b) for b in groups}
+    forced = []
+    for t in sorted((t for t in trials if not t["accepted"]), key=lambda t: -t["similarity"]):
+        if len(removed) >= target:
+            break
+        srcs = t["sources"][: target - len(removed)]
+        if used & {t["base"], *srcs}:
+            continue
+        with torch.no_grad():
+            saved = {rel: m.weight.detach().clone() for rel, m in linear[t["base"]].items()}
+            for rel, m in linear[t["base"]].items():
+                m.weight.add_(sum(linear[s][rel].weight - saved[rel] for s in srcs))
+        removed += srcs
+        groups[str(t["base"])] = srcs
+        used |= {t["base"], *srcs}
+        forced.append(str(t["base"]))
+    return forced
 
 
 @dataclass(frozen=True)
