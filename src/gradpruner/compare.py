@@ -136,7 +136,8 @@ def _cell_row(labels: dict, cfg: RunConfig) -> dict:
     any_eval = next(iter(evals.values()), {})
     row.update({"task": cfg.task or cfg.data, "score_method": cfg.score.method, "metric": any_eval.get("metric"),
                 "removed": len(plan["drop"]) if plan else None, "merged": len(plan.get("merge", {})) if plan else None,
-                "merge_rule": cfg.prune.merge_rule, "density": cfg.prune.density})
+                "merge_rule": cfg.prune.merge_rule if plan.get("merge") else None,
+                "density": cfg.prune.density if plan.get("merge") else None})
     for n in EVAL_NAMES:
         row[n] = evals[n]["value"] if n in evals else None
     if "dense_ft" in evals and "pruned_ft" in evals:
@@ -146,6 +147,11 @@ def _cell_row(labels: dict, cfg: RunConfig) -> dict:
     row["score_s"] = stages.get("score", {}).get("usage", {}).get("seconds")
     row["pruned_ft_s"] = stages.get("pruned_ft", {}).get("usage", {}).get("seconds")
     row["dense_ft_s"] = stages.get("dense_ft", {}).get("usage", {}).get("seconds")
+    for name in ("dense_ft", "pruned_ft"):  # where the fine-tune started and ended: how broken the start was
+        rec = d / f"{name}_finetune.json"
+        curve = json.loads(rec.read_text()).get("loss_curve") if rec.is_file() else None
+        row[f"{name}_loss_first"] = curve[0]["loss"] if curve else None
+        row[f"{name}_loss_last"] = json.loads(rec.read_text()).get("final_loss") if curve else None
     return {**row, **labels}  # an axis named like a column (e.g. "merged") shows its label
 
 
@@ -185,7 +191,8 @@ def _md(table: list[list[str]]) -> str:
 
 
 LONG_COLS = ("score_method", "metric", "removed", "merged", "merge_rule", "density", "dense_zero_shot", "dense_ft", "pruned",
-             "pruned_ft", "delta_vs_dense_ft", "params_ratio", "n", "score_s", "pruned_ft_s", "dense_ft_s")
+             "pruned_ft", "delta_vs_dense_ft", "params_ratio", "n", "score_s", "pruned_ft_s", "dense_ft_s",
+             "pruned_ft_loss_first", "pruned_ft_loss_last", "dense_ft_loss_first", "dense_ft_loss_last")
 
 
 def write_table(out: Path, cells: list[tuple[dict, RunConfig]]) -> Path:
