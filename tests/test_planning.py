@@ -328,3 +328,19 @@ def test_validate_plan_never_crashes(plan, num_layers):
         assert sorted(out["keep"] + out["drop"]) == list(range(out["num_layers"]))
         plan_summary(out)
     assert repr(plan) == repr(before)  # NaN-safe equality
+
+
+def test_constraints_protect_the_last_layers_and_limit_blocks():
+    from gradpruner.planning import make_plan
+
+    scores = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5]  # deepest least important
+    assert make_plan(scores, 4)["drop"] == [6, 7, 8, 9]
+    assert make_plan(scores, 4, protect_last=2)["drop"] == [4, 5, 6, 7]
+    # at most 2 consecutive: 9, 8 then 7 would make 3 -> skip; 6 ok? 6,(7 kept),8,9 -> yes
+    assert make_plan(scores, 4, max_block=2)["drop"] == [5, 6, 8, 9]
+    p = make_plan(scores, 3, merge=1, protect_last=1, max_block=1)
+    assert p["drop"] == [4, 6, 8] and p["merge"] == {"4": 3} and "never the last 1" in p["rule"]
+    with pytest.raises(GradPrunerError, match="relax"):
+        make_plan(scores, 6, max_block=1)
+    with pytest.raises(GradPrunerError, match="protect_last"):
+        make_plan(scores, 2, protect_last=10)

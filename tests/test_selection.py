@@ -112,7 +112,7 @@ def test_laco_needs_a_target(ctx):
         laco(ctx)
 
 
-@pytest.mark.parametrize("method", ["block_influence", "taylor", "magnitude", "last_n", "random", "full_grad", "igia_norm"])
+@pytest.mark.parametrize("method", ["block_influence", "taylor", "removal_taylor", "magnitude", "last_n", "random", "full_grad", "igia_norm"])
 def test_score_writes_the_same_scores_file_for_every_method(method, tiny_llama, qa_file, tmp_path):
     res = api.score(str(tiny_llama), tmp_path / "s", data=qa_file, method=method, steps=3, batch_size=4, lr=1e-3,
                     calib_examples=8, max_length=64)
@@ -163,3 +163,26 @@ def test_cli_score_method_then_sensitivity(tiny_llama, qa_file, tmp_path, capsys
     # a baseline's scores have no per-step record: one clear error
     assert main(["sensitivity", str(tmp_path / "n" / "scores.json"), "--k", "3"]) == 2
     assert "step_layer_sq_norms" in capsys.readouterr().err
+
+
+def test_removal_taylor_is_gradient_dot_layer_contribution(ctx):
+    from gradpruner.selection import removal_taylor
+
+    got = removal_taylor(ctx)["layer_scores"]
+    model, layers = ctx.model, _layers(ctx.model)
+    num, den = [0.0] * len(layers), 0.0
+    for b in ctx.batches():  # by hand: hidden_states[j] is layer j's input; retain grads on every output
+        outs = {}
+        hs = [layer.register_forward_hook(lambda m, a, o, j=j: outs.__setitem__(j, (a[0], o[0] if isinstance(o, tuple) else o)))
+              for j, layer in enumerate(layers)]
+        model.zero_grad()
+        loss = model(**b).loss
+        for h in hs:
+            h.remove()
+        grads = torch.autograd.grad(loss, [outs[j][1] for j in range(len(layers))])
+        m = b["attention_mask"].float()
+        den += float(m.sum())
+        for j in range(len(layers)):
+            inp, out = outs[j]
+            num[j] += float(((grads[j] * (out - inp)).sum(-1).abs() * m).sum())
+    assert got == pytest.approx([n / den for n in num], rel=1e-4)

@@ -152,7 +152,8 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
 # --- plan -------------------------------------------------------------------------------------
 
 def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_params: float | None = None,
-         merge: int = 0, rule: str | None = None, granularity: str = "layer", overwrite: bool = False) -> dict:
+         merge: int = 0, rule: str | None = None, granularity: str = "layer", protect_last: int = 0,
+         max_block: int | None = None, overwrite: bool = False) -> dict:
     """Apply the GUIDE §1.5 rule to a scores file and write plan.json.
 
     With ``granularity="hidden"`` (paper Appendix D) the same parameter budget is taken from the
@@ -175,7 +176,8 @@ def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_p
         prune = planning.layers_for_target(layer_scores, data["layer_params"], data["total_params"], target_params)
     if granularity not in ("layer", "hidden"):
         raise GradPrunerError(f"--granularity {granularity!r} is not known; use layer or hidden.")
-    result = planning.make_plan(layer_scores, prune, merge, data.get("layer_params"), data.get("total_params"))
+    result = planning.make_plan(layer_scores, prune, merge, data.get("layer_params"), data.get("total_params"),
+                                protect_last=protect_last, max_block=max_block)
     if granularity == "hidden":
         result = _hidden_plan(scores, data, result)
     result.update({"scores_file": str(Path(scores).resolve()), "model": data.get("model"),

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", help="default: the scores' own method; for IGIA scores also igia or igia_norm (authors' release)")
     p.add_argument("--granularity", default="layer", help="layer (default) or hidden: drop the same parameters as "
                    "residual-stream dimensions ranked by IGIA (paper Appendix D)")
+    p.add_argument("--protect-last", type=int, default=0, help="never remove the last K layers (default 0)")
+    p.add_argument("--max-block", type=int, help="never remove more than K consecutive layers (default: no limit)")
     _add_out(p, "plan.json to write")
 
     r = sub.add_parser("prune", help="merge and remove layers per plan.json; save a standard checkpoint")
@@ -159,7 +161,8 @@ def _run(args) -> int:
         from .planning import plan_summary
 
         res = api.plan(args.scores, args.out, prune=args.prune, target_params=args.target_params, merge=args.merge,
-                       rule=args.rule, granularity=args.granularity, overwrite=args.overwrite)
+                       rule=args.rule, granularity=args.granularity, protect_last=args.protect_last,
+                       max_block=args.max_block, overwrite=args.overwrite)
         print(plan_summary(res))
         print(f"wrote {args.out}")
     elif args.command == "prune":

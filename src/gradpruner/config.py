@@ -40,6 +40,8 @@ class PlanConfig:
     merge: int = 3               # of the removed layers, how many are merged
     rule: str | None = None      # None: the scoring method's own scores; igia | igia_norm: that IGIA variant
     granularity: str = "layer"   # layer | hidden: remove whole layers, or the same parameters as hidden dimensions
+    protect_last: int = 0        # never remove the last k layers
+    max_block: int | None = None  # never remove more than this many consecutive layers
 
 
 @dataclass

@@ -32,7 +32,7 @@ def _key(*parts) -> str:
 # Config keys added after stage keys were first published: keyed only when set away from their
 # default, so finished stages of earlier run folders (and of earlier versions) stay valid.
 LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "laco_group": 4, "laco_threshold": 0.65},
-         "plan": {"granularity": "layer"}}
+         "plan": {"granularity": "layer", "protect_last": 0, "max_block": None}}
 
 
 def _section(name: str, obj) -> dict:
@@ -224,7 +224,7 @@ def _score(cfg: RunConfig, out: Path, fresh: bool) -> dict:
 def _plan(cfg: RunConfig, scores: Path, out: Path, fresh: bool) -> dict:
     p = cfg.plan
     res = api.plan(scores, out, prune=p.prune, target_params=p.target_params, merge=p.merge, rule=p.rule,
-                   granularity=p.granularity, overwrite=True)
+                   granularity=p.granularity, protect_last=p.protect_last, max_block=p.max_block, overwrite=True)
     return {"keep": res["keep"], "drop": res["drop"], "merge": res["merge"]}
 
 

@@ -74,8 +74,38 @@ def _nearest_target(src: int, keep: list[int]) -> int:
     return max(before) if before else min(k for k in keep if k > src)
 
 
+def _constrained_order(order: list[int], n: int, prune: int, protect_last: int, max_block: int | None) -> list[int]:
+    """The ranking with the layers that may not be removed moved behind the first ``prune``.
+
+    Walk the ranking from the least important layer; skip a layer among the last ``protect_last``
+    or one whose removal would make a run of more than ``max_block`` consecutive removed layers."""
+    if protect_last == 0 and max_block is None:
+        return order
+    chosen: set[int] = set()
+    for j in order:
+        if len(chosen) == prune:
+            break
+        if j >= n - protect_last:
+            continue
+        if max_block is not None:
+            lo = hi = j
+            while lo - 1 in chosen:
+                lo -= 1
+            while hi + 1 in chosen:
+                hi += 1
+            if hi - lo + 1 > max_block:
+                continue
+        chosen.add(j)
+    if len(chosen) < prune:
+        raise GradPrunerError(f"No {prune} layers can be removed with protect_last {protect_last} and max_block "
+                              f"{max_block} in a {n}-layer model; relax the constraints or remove fewer layers.")
+    picked = [j for j in order if j in chosen]
+    return picked + [j for j in order if j not in chosen]
+
+
 def make_plan(layer_scores: list[float], prune: int, merge: int = 0,
-              layer_params: list[int] | None = None, total_params: int | None = None) -> dict:
+              layer_params: list[int] | None = None, total_params: int | None = None,
+              protect_last: int = 0, max_block: int | None = None) -> dict:
     """The paper's plan rule (GUIDE §1.5).
 
     Rank layers by score ascending, ties broken by the lower index first (so at equal scores the
@@ -85,6 +115,9 @@ def make_plan(layer_scores: list[float], prune: int, merge: int = 0,
     nearest following kept layer. ``params`` is filled in when ``layer_params`` is given:
     total_before = total_params (default Σ layer_params), total_after = total_before − Σ_dropped
     layer_params, removed_fraction = (total_before − total_after) / total_before.
+
+    Constraints (off by default, the paper has none): never remove the last ``protect_last``
+    layers; never remove more than ``max_block`` consecutive layers.
     """
     scores = _check_scores(layer_scores)
     n = len(scores)
@@ -100,7 +133,11 @@ def make_plan(layer_scores: list[float], prune: int, merge: int = 0,
         raise GradPrunerError(
             f"--merge {merge} is larger than --prune {prune}; merged layers are chosen among the "
             f"pruned ones, so use at most {prune}.")
-    order = _ranking(scores)
+    if not _is_int(protect_last) or not 0 <= protect_last < n or (
+            max_block is not None and (not _is_int(max_block) or max_block < 1)):
+        raise GradPrunerError(f"protect_last must be in 0..{n - 1} and max_block a positive integer or null "
+                              f"(got {protect_last!r}, {max_block!r}).")
+    order = _constrained_order(_ranking(scores), n, prune, protect_last, max_block)
     drop = sorted(order[:prune])
     keep = sorted(order[prune:])
     merged = order[prune - merge:prune]
@@ -112,7 +149,9 @@ def make_plan(layer_scores: list[float], prune: int, merge: int = 0,
         "layer_scores": scores,
         "rule": (f"drop the {prune} lowest-scoring layers (ties: lower index first); merge the "
                  f"{merge} highest-scoring of them into the nearest preceding kept layer "
-                 "(the nearest following one if none precedes)"),
+                 "(the nearest following one if none precedes)"
+                 + (f"; never the last {protect_last} layers" if protect_last else "")
+                 + (f"; at most {max_block} consecutive layers" if max_block else "")),
     }
     if layer_params is not None:
         before = _check_params(layer_params, total_params, n)

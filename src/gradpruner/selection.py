@@ -125,6 +125,38 @@ def taylor(ctx: Context) -> dict:
     return {"layer_scores": scores}
 
 
+def removal_taylor(ctx: Context) -> dict:
+    """First-order estimate of what removing a layer does to the loss: a layer adds Δ_j = out_j − in_j
+    to the residual stream, so dropping it changes the loss by ≈ −g_j·Δ_j with g_j = ∂L/∂out_j.
+    Score = mean over real tokens of |g_j·Δ_j| on task data (one backward pass per batch)."""
+    layers = _layers(ctx.model)
+    sums, count, state = [0.0] * len(layers), 0.0, {}
+
+    def hook(j):
+        def fn(mod, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            out.retain_grad()
+            state[j] = ((args[0] if args else kwargs["hidden_states"]).detach(), out)
+        return fn
+
+    handles = [layer.register_forward_hook(hook(j), with_kwargs=True) for j, layer in enumerate(layers)]
+    ctx.model.eval()
+    try:
+        for batch in tqdm(ctx.batches(), desc="removal taylor", unit="batch"):
+            ctx.model.zero_grad(set_to_none=True)
+            ctx.model(**batch, use_cache=False).loss.backward()
+            mask = batch["attention_mask"].float()
+            count += float(mask.sum())
+            for j, (inp, out) in state.items():
+                sums[j] += float(((out.grad * (out.detach() - inp)).sum(-1).abs() * mask).sum())
+            state.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        ctx.model.zero_grad(set_to_none=True)
+    return {"layer_scores": [s / count for s in sums], "calib_tokens": int(count)}
+
+
 def full_grad(ctx: Context) -> dict:
     """The IGIA formula on true dense gradients: T full fine-tuning steps, F_W = mean_i (∂L/∂W)_i²,
     layer score Σ F_W over its linear modules. The reference the LoRA proxy approximates; it costs a
@@ -280,6 +312,7 @@ METHODS: dict[str, Method] = {
     "full_grad": Method(full_grad, True, False, "Eq. 3–4 on true dense-weight gradients (T full FT steps)"),
     "block_influence": Method(block_influence, False, False, "ShortGPT: 1 − cos(input, output) per layer"),
     "taylor": Method(taylor, False, False, "Σ |W ⊙ ∇W| per layer on task data (LLM-Pruner's first order)"),
+    "removal_taylor": Method(removal_taylor, False, False, "|∂L/∂out · (out − in)| per layer: first-order loss change of removing it"),
     "magnitude": Method(magnitude, False, False, "Σ |W| per layer"),
     "last_n": Method(last_n, False, False, "drop the top layers"),
     "random": Method(random_order, False, False, "seeded random ranking"),
