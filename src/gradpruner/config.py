@@ -63,6 +63,9 @@ class FinetuneStageConfig:
     alpha: float = 32
     limit: int | None = None     # use only the first K training examples
     dense_baseline: bool = True  # also fine-tune the dense model the same way
+    distill: str | None = None   # pruned fine-tune only: null | dense_ft | dense — the teacher whose logits join the loss
+    distill_alpha: float = 0.5   # weight of the distillation term (1 − alpha for the labels)
+    distill_temperature: float = 1.0
 
 
 @dataclass
@@ -205,6 +208,10 @@ def _check(cfg: RunConfig) -> list[str]:
         out.append("With data, give eval_data too: a held-out JSONL that shares no example with data.")
     if (cfg.plan.prune is None) == (cfg.plan.target_params is None):
         out.append("Give exactly one of plan.prune and plan.target_params (set the other to null).")
+    if cfg.finetune.distill not in (None, "dense_ft", "dense"):
+        out.append(f"finetune.distill is {cfg.finetune.distill!r}; use null, dense_ft (the dense fine-tuned model) or dense.")
+    elif cfg.finetune.distill == "dense_ft" and not cfg.finetune.dense_baseline:
+        out.append("finetune.distill dense_ft needs finetune.dense_baseline: true (the teacher is that model).")
     if cfg.finetune.mode not in ("lora", "full"):
         out.append(f"finetune.mode is {cfg.finetune.mode!r}; use lora or full.")
     out += _check_methods(cfg)

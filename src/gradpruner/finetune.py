@@ -64,6 +64,9 @@ class FinetuneConfig:
     logging_steps: int = 10            # a loss point every N optimizer steps
     limit: int | None = None           # train on the first K examples only
     bf16: bool | None = None           # None: bf16 autocast on a GPU that supports it, off on CPU
+    distill_from: str | None = None    # teacher model: add its logits to the loss (see distill.py)
+    distill_alpha: float = 0.5         # weight of the distillation term
+    distill_temperature: float = 1.0
 
     def resolved(self) -> FinetuneConfig:
         return dataclasses.replace(self, lr=DEFAULT_LR[self.mode] if self.lr is None else self.lr)
@@ -94,6 +97,8 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
         ("--logging-steps", cfg.logging_steps, _count(cfg.logging_steps), "a whole number ≥ 1"),
         ("--limit", cfg.limit, cfg.limit is None or _count(cfg.limit), "a whole number ≥ 1"),
         ("bf16", cfg.bf16, cfg.bf16 in (None, True, False), "True, False or None (automatic)"),
+        ("--distill-alpha", cfg.distill_alpha, _number(cfg.distill_alpha) and 0 <= cfg.distill_alpha <= 1, "a value in [0, 1]"),
+        ("--distill-temperature", cfg.distill_temperature, _positive(cfg.distill_temperature), "a value > 0, e.g. 1 or 2"),
     ]
     problems = [f"{flag} {value!r} is invalid; use {hint}." for flag, value, ok, hint in checks if not ok]
     if problems:
@@ -249,8 +254,15 @@ def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks)
     set_seed(cfg.seed)
     model = _peft_model(base, cfg) if cfg.mode == "lora" else base
     guard = StopOnNonFinite(cfg.lr, out, ckpt)
-    trainer = Trainer(model=model, args=_training_args(cfg, ckpt, progress), train_dataset=features,
-                      data_collator=PadCollator(tok.pad_token_id), callbacks=[guard, *callbacks])
+    extra, cls = {}, Trainer
+    if cfg.distill_from:
+        from .distill import DistillTrainer
+
+        cls = DistillTrainer
+        extra = {"teacher": load_model(resolve_model(cfg.distill_from)), "alpha": cfg.distill_alpha,
+                 "temperature": cfg.distill_temperature}
+    trainer = cls(model=model, args=_training_args(cfg, ckpt, progress), train_dataset=features,
+                  data_collator=PadCollator(tok.pad_token_id), callbacks=[guard, *callbacks], **extra)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when the bars are off
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

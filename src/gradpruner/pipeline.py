@@ -32,7 +32,9 @@ def _key(*parts) -> str:
 # Config keys added after stage keys were first published: keyed only when set away from their
 # default, so finished stages of earlier run folders (and of earlier versions) stay valid.
 LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "laco_group": 4, "laco_threshold": 0.65},
-         "plan": {"granularity": "layer", "protect_last": 0, "max_block": None}}
+         "plan": {"granularity": "layer", "protect_last": 0, "max_block": None},
+         "finetune": {"distill": None, "distill_alpha": 0.5, "distill_temperature": 1.0}}
+DISTILL_KEYS = ("distill", "distill_alpha", "distill_temperature")  # pruned fine-tune only
 
 
 def _section(name: str, obj) -> dict:
@@ -61,9 +63,10 @@ class Run:
         self.keys["score"] = _key(self.keys["data"], _section("score", cfg.score), *laco)
         self.keys["plan"] = _key(self.keys["score"], _section("plan", cfg.plan))
         self.keys["prune"] = _key(self.keys["plan"], _section("prune", cfg.prune))
-        ft = {k: v for k, v in asdict(cfg.finetune).items() if k != "dense_baseline"}
-        self.keys["dense_ft"] = _key(self.keys["data"], ft)
-        self.keys["pruned_ft"] = _key(self.keys["prune"], ft)
+        ft = {k: v for k, v in _section("finetune", cfg.finetune).items() if k != "dense_baseline"}
+        self.keys["dense_ft"] = _key(self.keys["data"], {k: v for k, v in ft.items() if k not in DISTILL_KEYS})
+        teacher = [self.keys["dense_ft"]] if cfg.finetune.distill == "dense_ft" else []
+        self.keys["pruned_ft"] = _key(self.keys["prune"], ft, *teacher)
         ev = asdict(cfg.eval)
         for name, upstream in (("dense_zero_shot", "data"), ("dense_ft", "dense_ft"), ("pruned", "prune"),
                                ("pruned_ft", "pruned_ft")):
@@ -200,11 +203,14 @@ def _data_args(cfg: RunConfig) -> dict:
     return {"task": cfg.task, "data": cfg.data, "data_dir": cfg.data_dir}
 
 
-def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
+def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool, teacher: str | None = None) -> dict:
     from .finetune import FinetuneConfig, finetune
 
     names = {f.name for f in fields(FinetuneConfig)}
     ft = FinetuneConfig(**{k: v for k, v in asdict(cfg.finetune).items() if k in names}, seed=cfg.seed)
+    if teacher is not None:
+        ft.distill_from = teacher
+        ft.distill_alpha, ft.distill_temperature = cfg.finetune.distill_alpha, cfg.finetune.distill_temperature
     if fresh:  # checkpoints from another config must not be resumed
         shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
     rec = finetune(model, out, **_data_args(cfg), config=ft, resume=not fresh, overwrite=True)
@@ -269,8 +275,9 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
     r.stage("score", ["scores"], _score, cfg, at("score", "scores"))
     r.stage("plan", ["plan.json"], _plan, cfg, at("score", "scores/scores.json"), at("plan", "plan.json"))
     r.stage("prune", ["pruned"], _prune, cfg, at("plan", "plan.json"), at("prune", "pruned"))
+    teacher = {"dense_ft": str(at("dense_ft", "dense_ft")), "dense": cfg.model}.get(cfg.finetune.distill)
     r.stage("pruned_ft", ["pruned_ft", "pruned_ft_finetune.json"], _finetune, cfg, str(at("prune", "pruned")),
-            at("pruned_ft", "pruned_ft"))
+            at("pruned_ft", "pruned_ft"), teacher=teacher)
     models = {"dense_zero_shot": cfg.model if cfg.eval.zero_shot_dense else None,
               "dense_ft": str(at("dense_ft", "dense_ft")) if cfg.finetune.dense_baseline else None,
               "pruned": str(at("prune", "pruned")) if cfg.eval.pruned_no_finetune else None,
