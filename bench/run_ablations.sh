@@ -5,3 +5,4 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 GP=${GP:-.venv/bin/gradpruner}
 $GP compare configs/ablation_granularity.yaml
 $GP compare configs/ablation_scoring.yaml
+$GP compare configs/compare_depth.yaml
