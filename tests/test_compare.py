@@ -95,3 +95,13 @@ def test_compare_dry_run_lists_cells(tiny_llama, tmp_path, capsys):
     assert main(["compare", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "task=piqa,density=0.5" in out and "4 cells" in out and not (tmp_path / "cmp").exists()
+
+
+def test_pivot_rows_combine_every_axis_but_task():
+    from gradpruner.compare import _pivot
+
+    rows = [{"task": t, "method": m, "removed": k, "pruned_ft": v, "dense_ft": 0.6, "dense_zero_shot": 0.5}
+            for t, m, k, v in [("a", "x", 9, 0.4), ("a", "x", 12, 0.3), ("b", "x", 9, 0.2), ("b", "x", 12, 0.1)]]
+    table = _pivot(rows, ["method", "removed"])
+    assert table[0] == ["method, removed", "a", "b", "avg"]
+    assert table[3] == ["x, 9", "0.400", "0.200", "0.300"] and table[4] == ["x, 12", "0.300", "0.100", "0.200"]

@@ -163,11 +163,13 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _pivot(rows: list[dict], axis: str) -> list[list[str]]:
-    """Table 1 layout: one row per label of ``axis`` (plus the dense model), one column per task, Avg."""
+def _pivot(rows: list[dict], axes: list[str]) -> list[list[str]]:
+    """Table 1 layout: one row per combination of the non-task ``axes`` (plus the dense model), one
+    column per task, Avg."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    labels = list(dict.fromkeys(r[axis] for r in rows))
-    table = [[axis] + tasks + ["avg"]]
+    label_of = {id(r): ", ".join(str(r[a]) for a in axes) for r in rows}
+    labels = list(dict.fromkeys(label_of.values()))
+    table = [[", ".join(axes)] + tasks + ["avg"]]
 
     def line(name, values):
         got = [v for v in values if v is not None]
@@ -178,7 +180,7 @@ def _pivot(rows: list[dict], axis: str) -> list[list[str]]:
         vals = [next((r[base] for r in rows if r["task"] == t and r[base] is not None), None) for t in tasks]
         table.append(line(title, vals))
     for label in labels:
-        vals = [next((r["pruned_ft"] for r in rows if r["task"] == t and r[axis] == label), None) for t in tasks]
+        vals = [next((r["pruned_ft"] for r in rows if r["task"] == t and label_of[id(r)] == label), None) for t in tasks]
         table.append(line(label, vals))
     return table
 
@@ -211,7 +213,7 @@ def write_table(out: Path, cells: list[tuple[dict, RunConfig]]) -> Path:
              "ran with the same data, fine-tuning budget and held-out items. Cells not finished show –.", ""]
     others = [a for a in axes if a != "task"]
     if others:
-        parts += [f"## By {others[0]} (paper Table 1 layout)", "", _md(_pivot(rows, others[0])), ""]
+        parts += [f"## By {', '.join(others)} (paper Table 1 layout)", "", _md(_pivot(rows, others)), ""]
     parts += ["## Every cell", "", _md([cols] + [[_fmt(r.get(c)) for c in cols] for r in rows]), ""]
     for png in _plots(out, rows, axes):
         parts += [f"![{png.stem}]({png.name})", ""]

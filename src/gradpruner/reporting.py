@@ -83,13 +83,13 @@ def plot_grouped(rows: list[dict], axes: list[str], path: Path) -> Path:
     with the dense fine-tuned model of each task as a dashed line."""
     plt = _plt()
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    series_axis = next((a for a in axes if a != "task"), None)
-    labels = list(dict.fromkeys(r[series_axis] for r in rows)) if series_axis else ["pruned+FT"]
+    others = [a for a in axes if a != "task"]
+    name = {id(r): ", ".join(str(r[a]) for a in others) or "pruned+FT" for r in rows}
+    labels = list(dict.fromkeys(name.values()))
     width = 0.8 / len(labels)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * len(labels) * 0.5 + 2), 3.8))
     for i, label in enumerate(labels):
-        ys = [next((r["pruned_ft"] for r in rows if r["task"] == t and (series_axis is None or r[series_axis] == label)),
-                   0.0) for t in tasks]
+        ys = [next((r["pruned_ft"] for r in rows if r["task"] == t and name[id(r)] == label), 0.0) for t in tasks]
         ax.bar([x + i * width - 0.4 + width / 2 for x in range(len(tasks))], ys, width, label=str(label))
     for x, t in enumerate(tasks):
         dense = next((r["dense_ft"] for r in rows if r["task"] == t and r.get("dense_ft") is not None), None)
