@@ -115,8 +115,8 @@ class Run:
                 if (folder / rel).exists():
                     dest = self.place(stage, rel)
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    if not dest.exists():
-                        dest.symlink_to((folder / rel).resolve())
+                    if not dest.exists():  # relative, so a copy of the whole results tree still resolves
+                        dest.symlink_to(os.path.relpath((folder / rel).resolve(), dest.parent.resolve()))
             write_json(self.record(stage), data)
             self.echo(f"  ✓ {stage}: reused from {folder}")
             return True
