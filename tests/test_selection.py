@@ -186,3 +186,20 @@ def test_removal_taylor_is_gradient_dot_layer_contribution(ctx):
             inp, out = outs[j]
             num[j] += float(((grads[j] * (out - inp)).sum(-1).abs() * m).sum())
     assert got == pytest.approx([n / den for n in num], rel=1e-4)
+
+
+def test_full_grad_one_step_is_the_squared_dense_gradient(ctx):
+    from gradpruner.selection import full_grad
+
+    feats = ctx.features[:4]
+    batch = PadCollator(ctx.tokenizer.pad_token_id)(feats)
+    model = ctx.model
+    model.zero_grad()
+    model(**batch).loss.backward()  # by hand: the gradient of the one batch, before any optimizer step
+    expect = [float(sum(m.weight.grad.double().pow(2).sum() for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                    layer.self_attn.v_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                    layer.mlp.down_proj))) for layer in _layers(model)]
+    model.zero_grad()
+    ctx.features, ctx.steps, ctx.batch_size = feats, 1, 4
+    got = full_grad(ctx)
+    assert got["layer_scores"] == pytest.approx(expect, rel=1e-4) and got["steps"] == 1
