@@ -139,6 +139,16 @@ def removal_damage(model, batches, plans: dict[str, set[int]]) -> dict:
     return out
 
 
+def split_longest_run(name: str, drop: set[int]) -> dict[str, set[int]]:
+    """The plan's longest run of consecutive layers, and the rest: which part does the damage?"""
+    runs, cur = [], []
+    for j in sorted(drop):
+        cur = cur + [j] if cur and j == cur[-1] + 1 else [j]
+        runs.append(list(cur))
+    block = set(max(runs, key=len)) if runs else set()
+    return {f"{name}: run {min(block)}-{max(block)} only": block, f"{name}: without that run": drop - block} if block else {}
+
+
 def other_methods(store: Path, task: str) -> dict[str, list[float]]:
     """Layer scores of every non-IGIA scoring run on ``task``; a method run twice gets its key appended."""
     runs = []
@@ -233,7 +243,7 @@ def model_part(d: dict, args) -> dict:
     fig_residual(stats, scores, fit, args.out / "3_residual_grad.png")
     agree, plans = agreement(d["layer_scores"], other_methods(args.store, d["task"]), args.drop)
     fig_plans(plans, d["num_layers"], args.out / "4_plans.png")
-    damage = removal_damage(model, batches, plans)
+    damage = removal_damage(model, batches, {**plans, **split_longest_run("igia", plans["igia"])})
     fig_damage(damage, args.out / "5_damage.png")
     return {"residual": {**stats, "fit": fit, "fit_without_outliers": fit_wo}, "agreement": agree,
             "plans": {m: sorted(s) for m, s in plans.items()}, "damage": damage}
