@@ -202,7 +202,7 @@ def write_table(out: Path, cells: list[tuple[dict, RunConfig]]) -> Path:
     rows = [_cell_row(labels, cfg) for labels, cfg in cells]
     axes = list(cells[0][0]) if cells else []
     write_json(out / "table.json", rows)
-    cols = axes + [c for c in ("task",) if c not in axes] + list(LONG_COLS)
+    cols = axes + [c for c in ("task", *LONG_COLS) if c not in axes]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
