@@ -105,3 +105,22 @@ def test_pivot_rows_combine_every_axis_but_task():
     table = _pivot(rows, ["method", "removed"])
     assert table[0] == ["method, removed", "a", "b", "avg"]
     assert table[3] == ["x, 9", "0.400", "0.200", "0.300"] and table[4] == ["x, 12", "0.300", "0.100", "0.200"]
+
+
+def test_stage_keys_of_published_results_stay_valid(tmp_path):
+    """Config keys added later (eval.offset, the IGIA variants' method names, …) must leave the keys of
+    runs made before them unchanged, or every published result would be recomputed."""
+    from pathlib import Path
+
+    from gradpruner.config import load_config
+    from gradpruner.pipeline import Run
+
+    root = Path(__file__).resolve().parents[1]
+    recorded = root / "results" / "smollm2_arc_easy" / "stages"
+    cfg = load_config(root / "configs" / "smollm2_arc_easy.yaml", [f"out={tmp_path / 'run'}"])
+    keys = Run(cfg, echo=lambda *_: None, isolate=False).keys
+    for rec in sorted(recorded.glob("*.json")):
+        assert json.loads(rec.read_text())["key"] == keys[rec.stem], rec.stem
+    shifted = Run(load_config(root / "configs" / "smollm2_arc_easy.yaml", [f"out={tmp_path / 'v'}", "eval.offset=250"]),
+                  echo=lambda *_: None, isolate=False).keys
+    assert shifted["eval_pruned_ft"] != keys["eval_pruned_ft"] and shifted["pruned_ft"] == keys["pruned_ft"]

@@ -276,6 +276,15 @@ def test_evaluate_mc_result_and_out_file(tiny, tok, tmp_path):
     assert len(res["details"]) == 5 and len(res["details"][0]["loglik"]) >= 3
     with pytest.raises(GradPrunerError, match="already exists"):
         evaluate(tiny, tok, "arc_easy", limit=1, out=out, progress=False)
+    # offset: a validation slice disjoint from the first items (the test slice), same items as a longer run
+    later = evaluate(tiny, tok, "arc_easy", offset=3, limit=2, batch_size=2, progress=False, details=True)
+    assert later["n"] == 2 and later["offset"] == 3 and [d["gold"] for d in later["details"]] == [d["gold"] for d in res["details"][3:5]]
+    for a, b in zip(later["details"], res["details"][3:5]):  # batch composition moves the last digits only
+        assert a["loglik"] == pytest.approx(b["loglik"], rel=1e-5)
+    with pytest.raises(GradPrunerError, match="offset 100000 skips all"):
+        evaluate(tiny, tok, "arc_easy", offset=100000, progress=False)
+    with pytest.raises(GradPrunerError, match="offset -1 must be"):
+        evaluate(tiny, tok, "arc_easy", offset=-1, progress=False)
     wino = evaluate(tiny, tok, "winogrande", limit=3, progress=False, metric="acc")
     assert set(wino["metrics"]) == {"acc"} and 0 <= wino["value"] <= 1
 

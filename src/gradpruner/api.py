@@ -73,6 +73,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     layers to remove, which only LaCo needs.
     """
     from .selection import METHODS, Context
+    from .variants import VARIANTS, statistics, variant_scores
 
     spec = lookup(METHODS, method, "scoring method")
     if spec.trains or steps_fraction is not None:
@@ -102,14 +103,22 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
         "total_params": total_params, "model_type": base.config.model_type, "versions": _versions(),
     }
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        if spec.fn is None:  # igia, igia_norm: the LoRA proxy with gradient capture
+        if spec.fn is None:  # igia, igia_norm and the IGIA variants: the LoRA proxy with gradient capture
+            stats = None
+            if method in VARIANTS:  # measured on the model as given, before any step
+                stats = statistics(method, Context(base, tok, features, seed=seed, calib_examples=calib_examples,
+                                                   batch_size=batch_size, target=target))
             cb = IGIACallback(tmp, steps=steps, module_layer=module_layer, num_layers=len(layer_params), meta=meta)
             _train_lora(base, tok, features, names, cb, steps=steps, rank=rank, alpha=alpha, lr=lr,
                         batch_size=batch_size, grad_accum=grad_accum, seed=seed, dropout=lora_dropout,
                         max_grad_norm=max_grad_norm, adapter=adapter, work_dir=tmp / ".trainer")
             result = read_json(tmp / "scores.json", "Scores file")
             result["method"] = method
-            result["layer_scores"] = result["layer_scores_by_rule"][method]
+            if method in VARIANTS:
+                result["layer_scores"] = variant_scores(method, base, result, tmp / "igia.safetensors", stats)
+                result["variant_statistics"] = stats
+            else:
+                result["layer_scores"] = result["layer_scores_by_rule"][method]
         else:
             ctx = Context(base, tok, features, seed=seed, calib_examples=calib_examples, batch_size=batch_size,
                           steps=steps, lr=lr, target=target, options=dict(options or {}))
@@ -124,28 +133,19 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
 def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr, batch_size, grad_accum,
                 seed, dropout, max_grad_norm, work_dir, adapter="lora") -> None:
     """Attach LoRA to every listed linear module and train ``steps`` optimizer steps with ``callback``."""
-    import shutil
-
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
+
+    from .selection import train_steps
 
     set_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
                      task_type="CAUSAL_LM", use_dora=adapter == "dora")
     model = get_peft_model(base, cfg)
-    args = TrainingArguments(
-        output_dir=str(work_dir), max_steps=steps, per_device_train_batch_size=batch_size // grad_accum,
-        gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, max_grad_norm=max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
-        seed=seed, data_seed=seed, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, disable_tqdm=False,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=PadCollator(tok.pad_token_id),
-                      callbacks=[callback])
     try:
-        trainer.train()
+        train_steps(model, tok, features, callback, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
+                    lr=lr, seed=seed, max_grad_norm=max_grad_norm, work_dir=work_dir, progress=True)
     finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
         model.unload()  # leave the base model as it was
 
 

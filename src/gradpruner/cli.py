@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="JSONL to evaluate (prompt/completion lines, or the task's rows with --task)")
     e.add_argument("--data-dir")
     e.add_argument("--limit", type=int, help="evaluate the first K items only")
+    e.add_argument("--offset", type=int, default=0, help="skip the first N items (a validation slice apart from the test one)")
     e.add_argument("--metric", help="primary metric (default: the task's own)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--max-new-tokens", type=int, help="generation length for generative tasks")
@@ -185,7 +186,7 @@ def _run(args) -> int:
         from .evaluation import evaluate
 
         res = evaluate(args.model, task=args.task, data=args.data, data_dir=args.data_dir, limit=args.limit,
-                       metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       offset=args.offset, metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        encoder=args.bertscore_encoder, train_data=args.train_data, seed=args.seed,
                        details=args.details, out=args.out, overwrite=args.overwrite,
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)

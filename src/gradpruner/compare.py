@@ -32,22 +32,10 @@ from pathlib import Path
 import yaml
 
 from .atomic import atomic_file, write_json
-from .config import RunConfig, config_from_dict
+from .config import RunConfig, config_from_dict, read_yaml_mapping
 from .errors import GradPrunerError
 
 EVAL_NAMES = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
-
-
-def _read_yaml(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise GradPrunerError(f"{what} {path} does not exist; check the path (examples are in configs/).")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
-        raise GradPrunerError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file.") from None
-    if not isinstance(data, dict):
-        raise GradPrunerError(f"{what} {path} must hold a mapping of keys, not a {type(data).__name__}.")
-    return data
 
 
 def _axis(name: str, spec) -> list[tuple[str, list[str]]]:
@@ -68,13 +56,13 @@ def load_grid(path: str | Path, extra: list[str] = ()) -> tuple[Path, list[tuple
 
     All cells are validated before anything runs, and every problem is reported at once."""
     path = Path(path)
-    spec = _read_yaml(path, "Compare config")
+    spec = read_yaml_mapping(path, "Compare config")
     unknown = set(spec) - KEYS
     if unknown:
         raise GradPrunerError(f"Compare config {path} has unknown key(s) {sorted(unknown)}; use {', '.join(sorted(KEYS))}.")
     base = spec.get("base", {})
     if isinstance(base, str):
-        base = _read_yaml(path.parent / base, "Base config")
+        base = read_yaml_mapping(path.parent / base, "Base config")
     if not isinstance(base, dict) or not spec.get("out") or not isinstance(spec.get("axes"), dict) or not spec["axes"]:
         raise GradPrunerError(f"Compare config {path} needs base (a run config), out (a folder) and axes (at least one).")
     out = Path(spec["out"])
@@ -104,7 +92,7 @@ def run_grid(path: str | Path, extra: list[str] = (), echo=print, isolate: bool 
     from .pipeline import run
 
     out, cells = load_grid(path, extra)
-    spec = _read_yaml(Path(path), "Compare config")
+    spec = read_yaml_mapping(Path(path), "Compare config")
     store = Path(spec.get("store") or out / "store")
     reuse = [Path(p) for p in spec.get("reuse") or []]
     out.mkdir(parents=True, exist_ok=True)
@@ -149,9 +137,10 @@ def _cell_row(labels: dict, cfg: RunConfig) -> dict:
     row["dense_ft_s"] = stages.get("dense_ft", {}).get("usage", {}).get("seconds")
     for name in ("dense_ft", "pruned_ft"):  # where the fine-tune started and ended: how broken the start was
         rec = d / f"{name}_finetune.json"
-        curve = json.loads(rec.read_text()).get("loss_curve") if rec.is_file() else None
+        ft = json.loads(rec.read_text()) if rec.is_file() else {}
+        curve = ft.get("loss_curve")
         row[f"{name}_loss_first"] = curve[0]["loss"] if curve else None
-        row[f"{name}_loss_last"] = json.loads(rec.read_text()).get("final_loss") if curve else None
+        row[f"{name}_loss_last"] = ft.get("final_loss") if curve else None
     return {**row, **labels}  # an axis named like a column (e.g. "merged") shows its label
 
 

@@ -71,6 +71,7 @@ class FinetuneStageConfig:
 @dataclass
 class EvalConfig:
     limit: int | None = None     # evaluate on the first K held-out examples (None: all)
+    offset: int = 0              # skip the first N held-out examples first (a validation slice disjoint from the test one)
     batch_size: int = 8
     zero_shot_dense: bool = True  # also evaluate the dense model before fine-tuning
     pruned_no_finetune: bool = True  # also evaluate the pruned model before fine-tuning
@@ -164,19 +165,23 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def read_yaml_mapping(path: str | Path, what: str = "Config file") -> dict:
+    """A YAML file's top-level mapping; a missing file, bad YAML or a non-mapping is one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise GradPrunerError(f"{what} {path} does not exist; check the path (examples are in configs/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise GradPrunerError(f"{what} {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file.") from None
+    if not isinstance(data, dict):
+        raise GradPrunerError(f"{what} {path} must hold a mapping of keys, not a {type(data).__name__}.")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise GradPrunerError(f"Config file {path} does not exist; check the path (examples are in configs/).")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
-            raise GradPrunerError(f"Config file {path} is not valid YAML ({str(exc).splitlines()[0]}); fix the file.") from None
-        if not isinstance(data, dict):
-            raise GradPrunerError(f"Config file {path} must hold a mapping of keys, not a {type(data).__name__}.")
+    data = read_yaml_mapping(path) if path is not None else {}
     return config_from_dict(data, overrides)
 
 
@@ -224,6 +229,7 @@ def _check_methods(cfg: RunConfig) -> list[str]:
     """Registry names, and merges only where the scoring method provides what the merge rule needs."""
     from .errors import lookup
     from .merging import MERGE_RULES, needs_igia
+    from .variants import needs_target
     from .selection import METHODS
 
     try:
@@ -242,6 +248,8 @@ def _check_methods(cfg: RunConfig) -> list[str]:
                    "(the method's own scores) or, for IGIA scores, use igia or igia_norm.")
     if cfg.score.method == "laco" and cfg.plan.prune is None:
         out.append("score.method laco needs plan.prune (the number of layers to collapse), not plan.target_params.")
+    if needs_target(cfg.score.method) and cfg.plan.prune is None:
+        out.append(f"score.method {cfg.score.method} needs plan.prune (its guard's pool is sized from it), not plan.target_params.")
     if cfg.plan.granularity not in ("layer", "hidden"):
         out.append(f"plan.granularity is {cfg.plan.granularity!r}; use layer or hidden.")
     elif cfg.plan.granularity == "hidden" and not method.factors:

@@ -187,7 +187,7 @@ def _load(task, data, split, data_dir, seed, guard) -> tuple[list, int, str]:
     return [r for i, r in enumerate(rows) if i not in seen], len(seen), source
 
 
-def _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, spec) -> str:
+def _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, spec, offset=0) -> str:
     """The primary metric's name, after checking every argument a user can get wrong."""
     if task is None and data is None:
         raise GradPrunerError("Give a task name (--task) or a JSONL file (--data) to evaluate on.")
@@ -195,6 +195,8 @@ def _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, sp
     for name, value in (("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise GradPrunerError(f"{name} {value!r} must be a positive whole number.")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise GradPrunerError(f"offset {offset!r} must be a whole number ≥ 0.")
     available = spec.metrics if spec else ("loss", "exact_match")
     chosen = metric or (spec.metric if spec else "loss")
     M.get_metric(chosen)  # an unknown name: did-you-mean over all metrics
@@ -210,7 +212,7 @@ def _mean(values: list[float]) -> float:
 
 # ---------------------------------------------------------------------------------- evaluate
 def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.PathLike | None = None,
-             split: str = "eval", limit: int | None = None, data_dir: str | os.PathLike | None = None,
+             split: str = "eval", limit: int | None = None, offset: int = 0, data_dir: str | os.PathLike | None = None,
              seed: int = 0, batch_size: int = 8, metric: str | None = None,
              encoder: str | os.PathLike | None = None, train_data: str | os.PathLike | None = None,
              train_examples_guard: bool = True, max_new_tokens: int | None = None,
@@ -222,7 +224,8 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     ``model`` is a loaded causal LM (then ``tokenizer`` is required) or anything ``resolve_model``
     accepts. ``task`` alone: its ``split`` (default "eval"); ``task`` and ``data``: every row of that
     file in the task's original format; ``data`` alone: a generic prompt/completion JSONL file.
-    ``limit`` keeps the first K items. ``metric`` picks the headline metric (default: the task's).
+    ``offset`` skips the first N items and ``limit`` then keeps K, so disjoint slices of one held-out
+    split serve as validation (for choosing) and test (for reporting). ``metric`` picks the headline metric (default: the task's).
     ``encoder`` is the BERTScore encoder folder (default: $GRADPRUNER_BERTSCORE_ENCODER, else the
     packaged MiniLM). ``train_data`` is the user's training JSONL: any overlap is an error. With
     ``train_examples_guard`` (default) a task's eval items that are also in its training split are
@@ -233,7 +236,7 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     Returns {"task", "metric", "value", "n", "metrics", ...} (see docs/commands.md).
     """
     spec: TaskSpec | None = lookup(TASKS, task, "task") if task is not None else None
-    chosen = _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, spec)
+    chosen = _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, spec, offset)
     if out is not None:
         from .atomic import check_output
 
@@ -243,6 +246,9 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     if train_data is not None:
         train = load_jsonl(train_data)
         check_disjoint(train, [r.example if isinstance(r, EvalRow) else r for r in rows], source)
+    if offset and offset >= len(rows):
+        raise GradPrunerError(f"offset {offset} skips all {len(rows)} evaluation items of {source}; use a smaller offset.")
+    rows = rows[offset:]
     rows = rows[:limit] if limit else rows
     if isinstance(model, (str, os.PathLike)):
         from .models import load_model, load_tokenizer, resolve_model
@@ -266,7 +272,7 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     seconds = time.perf_counter() - t0
     values = {name: (_mean(v) if name != "loss" else v) for name, v in per_item.items()}
     result.update({"value": values[chosen], "n": len(rows), "metrics": values, "split": split if data is None else "file",
-                   "seed": seed, "limit": limit, "excluded_overlap": excluded, "batch_size": batch_size,
+                   "seed": seed, "limit": limit, "offset": offset, "excluded_overlap": excluded, "batch_size": batch_size,
                    "seconds": round(seconds, 3), "seconds_per_item": round(seconds / max(len(rows), 1), 4)})
     result.update({k: v for k, v in extra.items() if k != "details"})
     if details:

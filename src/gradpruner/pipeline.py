@@ -20,6 +20,7 @@ from .atomic import read_json, write_json
 from .config import RunConfig, dump_config
 from .costs import flops_per_token, latency, measure, param_counts
 from .tasks import SPLIT_SEED
+from .variants import needs_target
 
 log = logging.getLogger(__name__)
 EVALS = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
@@ -60,6 +61,8 @@ class Run:
         self.keys = {"data": _key(data)}
         # LaCo's scores depend on how many layers it must collapse
         laco = [cfg.plan.prune, "laco-2"] if cfg.score.method == "laco" else []
+        if needs_target(cfg.score.method):  # a guarded variant's pool depends on how many layers go
+            laco = [cfg.plan.prune, "pool"]
         self.keys["score"] = _key(self.keys["data"], _section("score", cfg.score), *laco)
         self.keys["plan"] = _key(self.keys["score"], _section("plan", cfg.plan))
         self.keys["prune"] = _key(self.keys["plan"], _section("prune", cfg.prune))
@@ -70,7 +73,8 @@ class Run:
         ev = asdict(cfg.eval)
         for name, upstream in (("dense_zero_shot", "data"), ("dense_ft", "dense_ft"), ("pruned", "prune"),
                                ("pruned_ft", "pruned_ft")):
-            self.keys[f"eval_{name}"] = _key(self.keys[upstream], ev["limit"], ev["encoder"], "eval")
+            offset = [ev["offset"]] if ev["offset"] else []  # 0 leaves earlier keys unchanged
+            self.keys[f"eval_{name}"] = _key(self.keys[upstream], ev["limit"], ev["encoder"], "eval", *offset)
 
     def place(self, stage: str, rel: str) -> Path:
         """Where ``stage`` writes ``rel``: the run folder, or with a store (``gradpruner compare``) a
@@ -246,7 +250,7 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     source = resolve_model(model)
     m, tok = load_model(source), load_tokenizer(source)
     res = evaluate(m, tok, task=cfg.task, data=cfg.eval_data, train_data=cfg.data, data_dir=cfg.data_dir,
-                   seed=SPLIT_SEED, limit=cfg.eval.limit, batch_size=cfg.eval.batch_size, encoder=cfg.eval.encoder,
+                   seed=SPLIT_SEED, limit=cfg.eval.limit, offset=cfg.eval.offset, batch_size=cfg.eval.batch_size, encoder=cfg.eval.encoder,
                    progress=True)
     res.update({"model": str(model), "params": param_counts(m), "flops_per_token": flops_per_token(m),
                 "latency": latency(m)})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random as _random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +49,29 @@ class Context:
 
 def _layers(model) -> torch.nn.ModuleList:
     return architectures.find_decoder_layers(model)[2]
+
+
+def train_steps(model, tok, features, callback, *, steps: int, batch_size: int, lr: float, seed: int,
+                grad_accum: int = 1, max_grad_norm: float = 0.0, work_dir=None, progress: bool = False) -> None:
+    """``steps`` optimizer steps at a constant learning rate (no warm-up, no decay, nothing saved),
+    with ``callback`` seeing every step: the short runs that gradient-based scoring needs."""
+    import shutil
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="gradpruner-steps-"))
+    args = TrainingArguments(
+        output_dir=str(work), max_steps=steps, per_device_train_batch_size=batch_size // grad_accum,
+        gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
+        seed=seed, data_seed=seed, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, disable_tqdm=not progress)
+    try:
+        Trainer(model=model, args=args, train_dataset=features, data_collator=PadCollator(tok.pad_token_id),
+                callbacks=[callback]).train()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- training-free ---------------------------------------------------------------------------
@@ -161,7 +185,7 @@ def full_grad(ctx: Context) -> dict:
     """The IGIA formula on true dense gradients: T full fine-tuning steps, F_W = mean_i (∂L/∂W)_i²,
     layer score Σ F_W over its linear modules. The reference the LoRA proxy approximates; it costs a
     full fine-tuning step per step (gradients and AdamW state for every weight)."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+    from transformers import TrainerCallback, set_seed
 
     set_seed(ctx.seed)
     linear = architectures.layer_linear_modules(ctx.model)
@@ -177,19 +201,31 @@ def full_grad(ctx: Context) -> dict:
                 raise GradPrunerError(f"Non-finite gradient at full_grad step {len(per_step) + 1}; lower --lr.")
             per_step.append(row)
 
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as work:
-        args = TrainingArguments(
-            output_dir=work, max_steps=ctx.steps, per_device_train_batch_size=ctx.batch_size, learning_rate=ctx.lr,
-            lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
-            save_strategy="no", report_to=[], seed=ctx.seed, data_seed=ctx.seed, remove_unused_columns=False,
-            use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
-        Trainer(model=ctx.model, args=args, train_dataset=ctx.features,
-                data_collator=PadCollator(ctx.tokenizer.pad_token_id), callbacks=[Capture()]).train()
+    train_steps(ctx.model, ctx.tokenizer, ctx.features, Capture(), steps=ctx.steps, batch_size=ctx.batch_size,
+                lr=ctx.lr, seed=ctx.seed)
     n = len(per_step)
     scores = [sum(row[j] for row in per_step) / max(n, 1) for j in range(len(linear))]
     return {"layer_scores": scores, "steps": n, "step_layer_sq_norms": per_step}
+
+
+def removal_loss(ctx: Context) -> dict:
+    """Shortened LLaMA's PPL criterion (Kim et al. 2024): remove each layer alone and measure the
+    increase of the mean calibration loss; score = that increase (one forward pass per layer)."""
+    parent, attr, full = architectures.find_decoder_layers(ctx.model)
+    batches = ctx.batches()
+    ctx.model.eval()
+
+    def loss_without(j: int | None) -> float:
+        setattr(parent, attr, torch.nn.ModuleList([m for i, m in enumerate(full) if i != j]))
+        try:
+            with torch.no_grad():
+                return sum(float(ctx.model(**b, use_cache=False).loss) for b in batches) / len(batches)
+        finally:
+            setattr(parent, attr, full)
+
+    base = loss_without(None)
+    scores = [loss_without(j) - base for j in tqdm(range(len(full)), desc="removal loss", unit="layer")]
+    return {"layer_scores": scores, "calib_loss": base}
 
 
 # --- LaCo ------------------------------------------------------------------------------------
@@ -309,10 +345,18 @@ class Method:
 METHODS: dict[str, Method] = {
     "igia": Method(None, True, True, "the paper: Σ F_W of T early LoRA steps (Eq. 2–4)"),
     "igia_norm": Method(None, True, True, "the authors' release: unsquared ‖G‖_F summed over steps"),
+    "igia_saliency": Method(None, True, True, "issue 8: Σ F ⊙ W² (expected loss change of zeroing the weights)"),
+    "igia_log": Method(None, True, True, "issue 8: mean over a layer's modules of log Σ F"),
+    "igia_typerank": Method(None, True, True, "issue 8: per module type, rank the layers by Σ F; average the ranks"),
+    "igia_gradnorm": Method(None, True, True, "issue 8: Σ F divided by the mean ‖∂L/∂out‖² at the layer"),
+    "igia_scaled": Method(None, True, True, "issue 8: Σ F times the mean square of the layer's input stream"),
+    "igia_guarded": Method(None, True, True, "issue 8: IGIA chooses among the layers block influence lets go (pool prune + ⌈prune/3⌉)"),
+    "igia_guarded_loss": Method(None, True, True, "issue 8: IGIA chooses among the layers whose removal alone costs least"),
     "full_grad": Method(full_grad, True, False, "Eq. 3–4 on true dense-weight gradients (T full FT steps)"),
     "block_influence": Method(block_influence, False, False, "ShortGPT: 1 − cos(input, output) per layer"),
     "taylor": Method(taylor, False, False, "Σ |W ⊙ ∇W| per layer on task data (LLM-Pruner's first order)"),
     "removal_taylor": Method(removal_taylor, False, False, "|∂L/∂out · (out − in)| per layer: first-order loss change of removing it"),
+    "removal_loss": Method(removal_loss, False, False, "Shortened LLaMA: calibration-loss increase when the layer alone is removed"),
     "magnitude": Method(magnitude, False, False, "Σ |W| per layer"),
     "last_n": Method(last_n, False, False, "drop the top layers"),
     "random": Method(random_order, False, False, "seeded random ranking"),

@@ -1,0 +1,124 @@
+"""Screen layer-selection variants on a validation slice before any fine-tuning (issue 8, step 3).
+
+Every candidate ranking (the paper's IGIA, IGIA variants computed from the same stored factors, the
+same rankings under removal constraints, and the baselines) becomes a 12-of-30 plan; each plan is
+applied by skipping its layers (weights untouched, nothing merged) and measured on the validation
+slice only — ARC-Easy held-out items 250..569, disjoint from the 250 test items every README number
+uses — by completion loss and accuracy. Fine-tuning then decides among the best few
+(configs/issue8_select.yaml); this screen only narrows the field cheaply.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/screen_variants.py \
+        --scores results/store/score-dc2685d26a6c1519/scores --out results/issue8/screen
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+VAL_OFFSET, VAL_LIMIT = 250, 320
+
+
+def skipped(model, drop):
+    """Context: the model with ``drop`` layers left out of the forward pass (weights untouched)."""
+    class _Skip:
+        def __enter__(self):
+            self.full = model.model.layers
+            model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(self.full) if i not in drop])
+            model.config.num_hidden_layers = len(model.model.layers)
+
+        def __exit__(self, *exc):
+            model.model.layers = self.full
+            model.config.num_hidden_layers = len(self.full)
+    return _Skip()
+
+
+def val_loss(model, tok, examples) -> float:
+    from gradpruner.data import PadCollator, tokenize
+    feats = tokenize(examples, tok, max_length=384)
+    collate = PadCollator(tok.pad_token_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(feats), 16):
+            b = collate(feats[i:i + 16])
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+            lab = b["labels"][:, 1:]
+            lp = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), lab.flatten(),
+                                                   ignore_index=-100, reduction="sum")
+            total, count = total + float(lp), count + int((lab != -100).sum())
+    return total / count
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scores", required=True, help="an IGIA score folder (scores.json + igia.safetensors)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--task", default="arc_easy")
+    ap.add_argument("--prune", type=int, default=12)
+    ap.add_argument("--out", default="results/issue8/screen")
+    ap.add_argument("--acc-top", type=int, default=5, help="also measure accuracy for the K lowest-loss plans")
+    args = ap.parse_args(argv)
+
+    from gradpruner import planning, selection
+    from gradpruner.atomic import read_json, write_json
+    from gradpruner.data import load_examples, tokenize
+    from gradpruner.evaluation import evaluate
+    from gradpruner.models import load_model, load_tokenizer, resolve_model
+    from gradpruner import variants
+
+    src = resolve_model(args.model)
+    model, tok = load_model(src), load_tokenizer(src)
+    sc = read_json(Path(args.scores) / "scores.json", "scores")
+    train = load_examples(task=args.task, split="train", seed=0)
+    held = load_examples(task=args.task, split="eval", seed=0)[VAL_OFFSET:VAL_OFFSET + VAL_LIMIT]
+    ctx = selection.Context(model, tok, tokenize(train, tok, max_length=384), seed=0, calib_examples=64)
+    rankings = {"igia": sc["layer_scores"]}
+    rankings.update(variants.all_variants(model, sc, Path(args.scores) / "igia.safetensors", ctx))
+    for m in ("block_influence", "removal_taylor"):
+        rankings[m] = selection.METHODS[m].fn(ctx)["layer_scores"]
+    constraints = {"": (0, None), "+pl2": (2, None), "+mb3": (0, 3), "+pl2mb3": (2, 3)}
+    plans = {}
+    for name, s in rankings.items():
+        for suffix, (pl, mb) in constraints.items():
+            if suffix and name in ("block_influence",):
+                continue
+            try:
+                plan = planning.make_plan(s, args.prune, protect_last=pl, max_block=mb)
+            except Exception as e:  # noqa: BLE001 - a constraint set may be infeasible; note and go on
+                print(f"{name}{suffix}: {e}")
+                continue
+            plans[name + suffix] = sorted(plan["drop"])
+    seen, rows = {}, []
+    model.eval()
+    for name, drop in plans.items():
+        key = tuple(drop)
+        if key in seen:
+            rows.append({**seen[key], "variant": name, "same_as": seen[key]["variant"]})
+            continue
+        t0 = time.time()
+        with skipped(model, set(drop)):
+            loss = val_loss(model, tok, held)
+        row = {"variant": name, "drop": drop, "val_loss": loss, "seconds": round(time.time() - t0, 1)}
+        seen[key] = row
+        rows.append(row)
+        print(f"{name:28s} loss {loss:7.3f}  drop {drop}", flush=True)
+    # accuracy (slower) only for the plans with the lowest loss
+    for row in sorted(seen.values(), key=lambda r: r["val_loss"])[:args.acc_top]:
+        with skipped(model, set(row["drop"])):
+            row["val_acc"] = evaluate(model, tok, task=args.task, offset=VAL_OFFSET, limit=VAL_LIMIT,
+                                      progress=False)["value"]
+        print(f"{row['variant']:28s} acc {row['val_acc']:.3f}", flush=True)
+    with skipped(model, set()):
+        dense = {"val_loss": val_loss(model, tok, held)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "screen.json", {"dense": dense, "rows": rows, "rankings": rankings,
+                                     "validation": {"offset": VAL_OFFSET, "limit": VAL_LIMIT}})
+    print(f"dense val loss {dense['val_loss']:.3f}; wrote {out / 'screen.json'}")
+
+
+if __name__ == "__main__":
+    main()
