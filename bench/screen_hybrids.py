@@ -6,7 +6,7 @@ Here each layer is removed alone and the calibration loss measured (the PPL crit
 LLaMA, Kim et al. 2024), and three ways to combine that with IGIA are screened on the same
 validation slice. Reads and extends results/issue8/screen/screen.json.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/screen_hybrids.py
+    OMP_NUM_THREADS=2 PYTHONPATH=bench .venv/bin/python bench/screen_hybrids.py
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from screen_variants import VAL_LIMIT, VAL_OFFSET, skipped, val_loss
+from screen_variants import VAL_LIMIT, VAL_OFFSET, plot_screen, skipped, val_loss
 
 
 def main(argv=None):
@@ -29,6 +29,7 @@ def main(argv=None):
     from gradpruner.data import load_examples, tokenize
     from gradpruner.evaluation import evaluate
     from gradpruner.models import load_model, load_tokenizer, resolve_model
+    from gradpruner.variants import guarded
 
     path = Path(args.screen)
     screen = json.loads(path.read_text())
@@ -55,9 +56,11 @@ def main(argv=None):
         "removal_loss": [float(x) for x in single],  # higher damage = more important
         "rankavg_igia_removal": [float(r_igia[j] + r_rem[j]) for j in range(n)],
     }
+    bi = screen["rankings"]["block_influence"]
     for pool in (16, 18, 20):  # IGIA decides among the `pool` layers whose removal alone hurts least
-        allowed = set(sorted(range(n), key=lambda j: single[j])[:pool])
-        cands[f"igia_guarded{pool}"] = [igia[j] if j in allowed else 1e9 + single[j] for j in range(n)]
+        cands[f"igia_guarded_loss(pool {pool})"] = guarded(igia, single, pool)
+    for pool in (16, 18):  # … or whose block influence is lowest
+        cands[f"igia_guarded(pool {pool})"] = guarded(igia, bi, pool)
     rows = screen["rows"]
     for name, s in cands.items():
         drop = sorted(planning.make_plan(s, args.prune)["drop"])
@@ -71,6 +74,7 @@ def main(argv=None):
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(screen, indent=1))
     tmp.replace(path)
+    plot_screen(screen, path.with_name("screen.png"))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,25 @@ def val_loss(model, tok, examples) -> float:
     return total / count
 
 
+def plot_screen(screen: dict, path: Path) -> None:
+    """One bar per distinct plan: validation loss with the plan's layers skipped (lower is better)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = sorted((r for r in screen["rows"] if "same_as" not in r), key=lambda r: r["val_loss"])
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(rows) + 1.2))
+    colors = ["tab:red" if r["variant"] == "igia" else "tab:blue" if r["variant"].startswith("igia") else "tab:gray"
+              for r in rows]
+    ax.barh([r["variant"] for r in rows], [r["val_loss"] for r in rows], color=colors)
+    ax.axvline(screen["dense"]["val_loss"], color="k", ls="--", lw=1, label="dense")
+    ax.invert_yaxis()
+    ax.set_xlabel("ARC-Easy validation loss, 12 of 30 layers skipped, before fine-tuning")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scores", required=True, help="an IGIA score folder (scores.json + igia.safetensors)")
@@ -59,8 +78,12 @@ def main(argv=None):
     ap.add_argument("--task", default="arc_easy")
     ap.add_argument("--prune", type=int, default=12)
     ap.add_argument("--out", default="results/issue8/screen")
+    ap.add_argument("--plot-only", action="store_true", help="redraw screen.png from screen.json")
     ap.add_argument("--acc-top", type=int, default=5, help="also measure accuracy for the K lowest-loss plans")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot_screen(json.loads((Path(args.out) / "screen.json").read_text()), Path(args.out) / "screen.png")
+        return
 
     from gradpruner import planning, selection
     from gradpruner.atomic import read_json, write_json
@@ -117,7 +140,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "screen.json", {"dense": dense, "rows": rows, "rankings": rankings,
                                      "validation": {"offset": VAL_OFFSET, "limit": VAL_LIMIT}})
-    print(f"dense val loss {dense['val_loss']:.3f}; wrote {out / 'screen.json'}")
+    plot_screen(json.loads((out / "screen.json").read_text()), out / "screen.png")
+    print(f"dense val loss {dense['val_loss']:.3f}; wrote {out / 'screen.json'} and screen.png")
 
 
 if __name__ == "__main__":

@@ -163,3 +163,19 @@ def test_guarded_variants_need_and_use_the_target(method, tiny_llama, qa_file, t
     plan = api.plan(tmp_path / "s" / "scores.json", tmp_path / "plan.json", prune=3, merge=1)
     pool = sorted(range(8), key=lambda j: (guard[j], j))[:guard_pool(3, 8)]
     assert set(plan["drop"]) <= set(pool)
+
+
+def test_config_refuses_a_guarded_variant_without_a_layer_count_and_keys_it_by_that_count(tmp_path):
+    from gradpruner.config import config_from_dict
+    from gradpruner.errors import GradPrunerError
+    from gradpruner.pipeline import Run
+
+    with pytest.raises(GradPrunerError, match="igia_guarded needs plan.prune"):
+        config_from_dict({"score": {"method": "igia_guarded"}, "plan": {"prune": None, "target_params": 0.3}})
+
+    def keys(prune, method="igia_guarded"):
+        cfg = config_from_dict({"out": str(tmp_path / f"r{prune}{method}"), "score": {"method": method},
+                                "plan": {"prune": prune}})
+        return Run(cfg, echo=lambda *_: None, isolate=False).keys
+    assert keys(9)["score"] != keys(12)["score"]          # the guard's pool depends on it
+    assert keys(9, "igia")["score"] == keys(12, "igia")["score"]  # the paper's scores do not

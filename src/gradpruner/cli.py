@@ -130,6 +130,25 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--which", default="bottom", help="bottom (the k least important, default) or top")
     se.add_argument("--out", help="folder for sensitivity.json and sensitivity.png")
 
+    b = sub.add_parser("bench", help="dense vs pruned side by side: parameters, FLOPs, latency, throughput, memory, "
+                       "training step; medians and pruned/dense ratios (see docs/bench.md)")
+    _add_model(b)
+    b.add_argument("--pruned", required=True, help="the pruned model (same kinds of input as --model)")
+    b.add_argument("--seq", type=int, nargs="+", default=[128, 512], help="prompt lengths (default 128 512)")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="batch sizes (default 1 4)")
+    b.add_argument("--reps", type=int, default=5, help="timed runs of each model, alternating (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs of each model first (default 1)")
+    b.add_argument("--new-tokens", type=int, default=16, help="tokens decoded with the KV cache (default 16)")
+    b.add_argument("--train-batch", type=int, default=4, help="training batch, LoRA and full alike (default 4)")
+    b.add_argument("--train-seq", type=int, default=128, help="training sequence length (default 128)")
+    b.add_argument("--rank", type=int, default=8, help="LoRA rank of the training step (default 8)")
+    for part in ("inference", "memory", "train"):
+        b.add_argument(f"--skip-{part}", action="store_true", help=f"do not measure {part}")
+    b.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu or cuda")
+    b.add_argument("--dtype", default="auto", help="float32 (default on CPU), bfloat16 (default on CUDA) or float16")
+    b.add_argument("--out", help="folder for bench.json and bench.md")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     rp = sub.add_parser("report", help="(re)write report.md and report.html of a run folder")
     rp.add_argument("run_dir")
 
@@ -213,6 +232,18 @@ def _run(args) -> int:
         from .sensitivity import format_curve, sensitivity
 
         print(format_curve(sensitivity(args.scores, args.k, args.reference, args.which, args.out)))
+    elif args.command == "bench":
+        from .bench import PARTS, bench_models, format_table
+
+        res = bench_models(args.model, args.pruned, seqs=args.seq, batches=args.batch, reps=args.reps,
+                           warmup=args.warmup, new_tokens=args.new_tokens, train_batch=args.train_batch,
+                           train_seq=args.train_seq, rank=args.rank,
+                           parts=[p for p in PARTS if not getattr(args, f"skip_{p}")], device=args.device,
+                           dtype=args.dtype, out=args.out, overwrite=args.overwrite,
+                           trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        print(format_table(res))
+        if args.out:
+            print(f"wrote {args.out}")
     elif args.command == "report":
         from .report import write_report
 
