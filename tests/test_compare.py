@@ -49,7 +49,7 @@ def test_compare_grid_shares_stages_and_writes_the_table(tiny_llama, tmp_path):
     assert ran.count("score") == 3 and ran.count("pruned_ft") == 3
     rows = json.loads((tmp_path / "cmp" / "table.json").read_text())
     assert [r["method"] for r in rows] == ["gradpruner", "last_n", "laco"]  # the axis labels
-    assert [r["score_method"] for r in rows] == ["igia", "last_n", "laco"] and [r["merged"] for r in rows] == [1, 0, 3]
+    assert [r["score_method"] for r in rows] == ["igia_guarded", "last_n", "laco"] and [r["merged"] for r in rows] == [1, 0, 3]
     assert all(0 <= r["pruned_ft"] <= 1 and r["removed"] == 3 for r in rows)
     last_n = rows[1]
     plan = json.loads((tmp_path / "cmp" / "cells" / "task=arc_easy,method=last_n" / "plan.json").read_text())

@@ -52,7 +52,7 @@ def test_run_end_to_end_then_cached_then_partial_rerun(tiny_llama, tmp_path, one
     assert pr["params"]["num_layers"] == 5 and pr["flops_per_token"]["flops"] < de["flops_per_token"]["flops"]
     text = report.read_text()
     for needle in ("GradPruner (pruned + fine-tuned)", "dense, fine-tuned", "Cost of every stage", "GradPruner path",
-                   "![IGIA layer scores](layer_scores.png)", "merge: 1"):
+                   "![igia_guarded layer scores](layer_scores.png)", "block influence ranks lowest", "merge: 1"):
         assert needle in text
     html = (d / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html

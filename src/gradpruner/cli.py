@@ -28,11 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="score every decoder layer: IGIA from T LoRA steps (default) or a baseline method")
     _add_model(s)
-    s.add_argument("--method", default="igia", help="igia (paper, default), igia_norm, full_grad, block_influence, "
-                   "taylor, magnitude, last_n, random or laco; see docs/methods.md")
+    s.add_argument("--method", default="igia",
+                   help="igia (the paper's method, default here), igia_guarded (IGIA among the layers block influence "
+                   "lets go; needs --prune; the default of `gradpruner run`), other IGIA variants, igia_norm, full_grad, "
+                   "block_influence, removal_loss, taylor, removal_taylor, magnitude, last_n, random or laco; see docs/methods.md")
     s.add_argument("--adapter", default="lora", help="adapter whose gradients IGIA reads: lora (default) or dora")
     s.add_argument("--calib-examples", type=int, default=64, help="task examples for block_influence, taylor, laco")
-    s.add_argument("--prune", type=int, help="layers to remove (laco only: when to stop collapsing)")
+    s.add_argument("--prune", type=int, help="layers to remove (igia_guarded: sizes its guard; laco: when to stop collapsing)")
     s.add_argument("--laco-group", type=int, default=4, help="laco: layers per collapse (default 4)")
     s.add_argument("--laco-threshold", type=float, default=0.65, help="laco: minimum cosine similarity (default 0.65)")
     src = s.add_mutually_exclusive_group(required=True)

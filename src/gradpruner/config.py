@@ -19,7 +19,7 @@ from .errors import GradPrunerError
 
 @dataclass
 class ScoreConfig:
-    method: str = "igia"         # igia | igia_norm | full_grad | block_influence | taylor | magnitude | last_n | random | laco
+    method: str = "igia_guarded"  # default: IGIA among the layers block influence lets go; igia = the paper's exact method; see docs/methods.md
     steps: int = 40              # early LoRA optimizer steps T (≥ 2; step 1 carries no signal)
     rank: int = 8
     alpha: float = 32

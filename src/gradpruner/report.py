@@ -9,6 +9,7 @@ from pathlib import Path
 from .atomic import atomic_file
 from .planning import plan_summary
 from .reporting import plot_bars, plot_layer_scores
+from .variants import guard_pool
 
 ROWS = [("dense_zero_shot", "dense, zero-shot"), ("dense_ft", "dense, fine-tuned"),
         ("pruned", "pruned, no fine-tune"), ("pruned_ft", "GradPruner (pruned + fine-tuned)")]
@@ -91,6 +92,11 @@ def build_blocks(run_dir: Path) -> list[tuple]:
                    f"({scores['informative_steps']} informative: step 1 has no signal because the adapter's B starts at zero).")
         else:
             how = f"Method {method}" + (f", {scores['steps']} training steps." if scores.get("steps") else ", no training steps.")
+        stats = scores.get("variant_statistics") or {}
+        if "target" in stats:  # a guarded variant: say which layers were never candidates
+            guard = "block influence" if "block_influence" in stats else "removal loss"
+            how += (f" IGIA chose among the {guard_pool(stats['target'], len(scores['layer_scores']))} layers that "
+                    f"{guard} ranks lowest; the others (scored above every candidate) were never candidates.")
         blocks += [("h2", "Layer scores and plan"), ("p", f"Scoring method: {method}. {how}"),
                    ("img", run_dir / "layer_scores.png", title), ("pre", plan_summary(plan))]
         blocks += _sensitivity_blocks(scores, len(plan["drop"]), run_dir)

@@ -197,7 +197,7 @@ def statistics(name: str, ctx) -> dict | None:
     from .selection import METHODS
     if ctx.target is None:
         raise GradPrunerError(f"Method {name} needs the number of layers to remove (--prune N / plan.prune) to size "
-                              "its guard; give it, or use score.method igia.")
+                              "its guard; give it, or use --method igia (the paper's method, whose scores do not depend on it).")
     return {need: METHODS[need].fn(ctx)["layer_scores"], "target": ctx.target}
 
 
