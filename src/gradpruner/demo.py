@@ -18,7 +18,7 @@ def demo_config(out: str = "runs/demo", overrides: list[str] = ()) -> RunConfig:
     """The settings of configs/demo.yaml (a test keeps the two equal)."""
     cfg = RunConfig(
         model="smollm2-135m", task="arc_easy", out=out, seed=0,
-        score=ScoreConfig(steps=20, lr=1e-4, batch_size=8),
+        score=ScoreConfig(method="igia", steps=20, lr=1e-4, batch_size=8),  # the paper's method, as published
         plan=PlanConfig(prune=12, merge=3),
         prune=PruneConfig(density=0.2, merge_rule="sign_sum"),
         finetune=FinetuneStageConfig(mode="lora", max_steps=100, batch_size=8, lr=2e-4, dense_baseline=True),
