@@ -33,7 +33,7 @@ import yaml
 
 from .atomic import atomic_file, write_json
 from .config import RunConfig, config_from_dict, read_yaml_mapping
-from .errors import GradPrunerError
+from .errors import Collect, GradPrunerError
 
 EVAL_NAMES = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
 
@@ -41,41 +41,68 @@ EVAL_NAMES = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
 def _axis(name: str, spec) -> list[tuple[str, list[str]]]:
     """An axis as [(label, ["key=value", ...]), ...] from its long or short form."""
     if isinstance(spec, dict) and set(spec) == {"key", "values"} and isinstance(spec["values"], list):
-        return [(str(v), [f"{spec['key']}={json.dumps(v)}"]) for v in spec["values"]]
+        return [(str(v), [f"{spec['key']}={json.dumps(v, default=str)}"]) for v in spec["values"]]
     if isinstance(spec, dict) and spec and all(isinstance(v, dict) or v is None for v in spec.values()):
-        return [(str(label), [f"{k}={json.dumps(v)}" for k, v in (ov or {}).items()]) for label, ov in spec.items()]
+        return [(str(label), [f"{k}={json.dumps(v, default=str)}" for k, v in (ov or {}).items()]) for label, ov in spec.items()]
     raise GradPrunerError(f"Compare axis {name!r} must map labels to overrides ({{label: {{key: value}}}}) or be "
                           "{key: KEY, values: [...]}; see docs/commands.md#compare.")
 
 
+def _plain_path(value, key: str) -> Path:
+    """A compare config path that stays below the working folder: no '..', no NUL or control characters."""
+    text = str(value)
+    if not text.isprintable() or ".." in Path(text).parts:
+        raise GradPrunerError(f"Compare {key} {text!r} must be a plain path without '..' or control characters; "
+                              "give a folder below the working folder.")
+    return Path(text)
+
+
 KEYS = {"base", "out", "overrides", "axes", "store", "reuse"}
+
+
+def _grid_spec(path: Path) -> tuple[dict, dict, Path, list[str]]:
+    """(compare config, base run config, out folder, problems with the config's own keys)."""
+    spec = read_yaml_mapping(path, "Compare config")
+    unknown = set(spec) - KEYS
+    if unknown:
+        raise GradPrunerError(f"Compare config {path} has unknown key(s) {sorted(map(str, unknown))}; use {', '.join(sorted(KEYS))}.")
+    base = spec.get("base", {})
+    if isinstance(base, str):
+        base = read_yaml_mapping(path.parent / base, "Base config")
+    if not isinstance(base, dict) or not spec.get("out") or not isinstance(spec.get("axes"), dict) or not spec["axes"]:
+        raise GradPrunerError(f"Compare config {path} needs base (a run config), out (a folder) and axes (at least one).")
+    check = Collect()
+    out = check(_plain_path, spec["out"], "out") or Path(str(spec["out"]))
+    if spec.get("store") is not None:
+        check(_plain_path, spec["store"], "store")
+    for key in ("overrides", "reuse"):
+        value = spec.get(key)
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            check.problems.append(f"Compare {key} must be a list of strings, not {value!r}.")
+            spec = {**spec, key: []}
+    return spec, base, out, check.problems
 
 
 def load_grid(path: str | Path, extra: list[str] = ()) -> tuple[Path, list[tuple[dict, RunConfig]]]:
     """Read a compare config; return the output folder and every cell's (labels, validated config).
 
     All cells are validated before anything runs, and every problem is reported at once."""
-    path = Path(path)
-    spec = read_yaml_mapping(path, "Compare config")
-    unknown = set(spec) - KEYS
-    if unknown:
-        raise GradPrunerError(f"Compare config {path} has unknown key(s) {sorted(unknown)}; use {', '.join(sorted(KEYS))}.")
-    base = spec.get("base", {})
-    if isinstance(base, str):
-        base = read_yaml_mapping(path.parent / base, "Base config")
-    if not isinstance(base, dict) or not spec.get("out") or not isinstance(spec.get("axes"), dict) or not spec["axes"]:
-        raise GradPrunerError(f"Compare config {path} needs base (a run config), out (a folder) and axes (at least one).")
-    out = Path(spec["out"])
-    if ".." in out.parts:
-        raise GradPrunerError(f"Compare out {out} climbs out of the working folder with '..'; give a plain path.")
-    common = [str(o) for o in spec.get("overrides") or []] + list(extra)
-    axes = {name: _axis(name, s) for name, s in spec["axes"].items()}
-    cells, problems = [], []
+    spec, base, out, problems = _grid_spec(Path(path))
+    common = list(spec.get("overrides") or []) + list(extra)
+    axes = {}
+    for name, axis in spec["axes"].items():
+        try:
+            axes[name] = _axis(name, axis)
+        except GradPrunerError as exc:
+            problems += exc.problems
+    if len(axes) < len(spec["axes"]):  # the cells cannot be told without every axis
+        raise GradPrunerError(*problems)
+    cells = []
     for combo in itertools.product(*axes.values()):
         labels = {name: label for name, (label, _) in zip(axes, combo)}
         name = ",".join(f"{a}={label}" for a, label in labels.items())
-        if any(c in name for c in "/\\") or name.startswith("."):
-            problems.append(f"Compare cell name {name!r} may not contain '/' or '\\'; rename the labels.")
+        if any(c in name for c in "/\\") or name.startswith(".") or not name.isprintable():
+            problems.append(f"Compare cell name {name!r} may not contain '/', '\\' or control characters; rename the labels.")
             continue
         overrides = common + [o for _, ovs in combo for o in ovs] + [f"out={json.dumps(str(out / 'cells' / name))}"]
         try:
@@ -87,17 +114,36 @@ def load_grid(path: str | Path, extra: list[str] = ()) -> tuple[Path, list[tuple
     return out, cells
 
 
+def _preflight(cells) -> None:
+    """Every distinct model and data source of the grid checked before the first cell runs."""
+    from .pipeline import preflight
+
+    seen, problems = set(), []
+    for _, cfg in cells:
+        key = (cfg.model, cfg.task, cfg.data, cfg.eval_data, cfg.data_dir)
+        if key not in seen:
+            seen.add(key)
+            try:
+                preflight(cfg)
+            except GradPrunerError as exc:
+                problems += [p for p in exc.problems if p not in problems]
+    if problems:
+        raise GradPrunerError(*problems)
+
+
 def run_grid(path: str | Path, extra: list[str] = (), echo=print, isolate: bool = True) -> Path:
     """Run every cell that is not finished (finished stages are reused); return the table path."""
     from .pipeline import run
 
     out, cells = load_grid(path, extra)
+    _preflight(cells)
     spec = read_yaml_mapping(Path(path), "Compare config")
-    store = Path(spec.get("store") or out / "store")
+    store = Path(str(spec["store"])) if spec.get("store") is not None else out / "store"
     reuse = [Path(p) for p in spec.get("reuse") or []]
     out.mkdir(parents=True, exist_ok=True)
     text = Path(path).read_text(encoding="utf-8")
-    (out / "compare.yaml").write_text(text + (f"\n# command-line overrides: {list(extra)}\n" if extra else ""))
+    with atomic_file(out / "compare.yaml") as fh:
+        fh.write(text + (f"\n# command-line overrides: {list(extra)}\n" if extra else ""))
     started, worked = time.monotonic(), []  # seconds of cells that computed something (for the ETA)
     for i, (labels, cfg) in enumerate(cells, 1):
         so_far = time.monotonic() - started

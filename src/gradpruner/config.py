@@ -220,7 +220,15 @@ def _check(cfg: RunConfig) -> list[str]:
     if cfg.finetune.mode not in ("lora", "full"):
         out.append(f"finetune.mode is {cfg.finetune.mode!r}; use lora or full.")
     out += _check_methods(cfg)
-    if ".." in Path(cfg.out).parts:
+    for key in ("model", "data", "eval_data", "data_dir", "out", "eval.encoder"):
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if isinstance(value, str) and not value.isprintable():
+            out.append(f"Config key {key} {value!r} contains control characters (NUL, tab, newline); give a plain path.")
+    if not str(cfg.out).strip():
+        out.append("Config key out is empty; give the run folder, e.g. runs/my_run.")
+    elif ".." in Path(cfg.out).parts:
         out.append(f"Config key out {cfg.out!r} climbs out of the working folder with '..'; give a plain path.")
     return out
 

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "eval")
 IGNORE_INDEX = -100  # label value torch's cross-entropy skips
 _MAX_REPORTED = 10  # bad lines listed one by one before "and N more"
+# A JSONL line longer than this is refused (with its line number), not read: real examples are far
+# shorter (the longest line of the eight tasks' files is 21 kB), and a model reads at most
+# --max-length tokens of one anyway. It bounds the memory and time a malformed file can cost.
+MAX_LINE_BYTES = 4 * 2**20
 _DIR_HINT = ("pass the folder holding the offline datasets with --data-dir (or set GRADPRUNER_DATA_DIR), "
              "or --data-dir hub to read the task from the Hugging Face Hub")
 HUB = "hub"  # --data-dir value that reads tasks from the Hub
@@ -39,13 +43,32 @@ def _read_jsonl_rows(path: Path, problems: list[str]) -> Iterator[tuple[int, dic
     non-UTF-8 byte be pinned to its line; nothing from a line is echoed, so huge lines stay cheap.
     """
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if raw.strip():
+        for lineno, raw, size in _lines(f):
+            if raw is None:
+                problems.append(f"{path} line {lineno} is {size / 2**20:.1f} MiB, over the limit of "
+                                f"{MAX_LINE_BYTES // 2**20} MiB per line; shorten or split that example.")
+            elif raw.strip():
                 row, why = _parse_line(raw)
                 if why:
                     problems.append(f"{path} line {lineno} {why}.")
                 else:
                     yield lineno, row
+
+
+def _lines(f) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, bytes, size) per line; bytes is None for a line over MAX_LINE_BYTES, which is
+    skipped a chunk at a time so that no line, however long, is ever held in memory whole."""
+    lineno = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        lineno += 1
+        if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+            yield lineno, raw, len(raw)
+            continue
+        size = len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(2**20)
+            size += len(raw)
+        yield lineno, None, size
 
 
 def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:

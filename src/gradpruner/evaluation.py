@@ -30,7 +30,7 @@ from transformers import StoppingCriteria
 from . import metrics as M
 from .data import (_check_split, _convert_file, _fit, _ids, _require_file, _special_prefix, load_jsonl, load_task,
                    load_task_rows, task_fix, tokenize)
-from .errors import GradPrunerError, lookup
+from .errors import Collect, GradPrunerError, lookup
 from .mc_scoring import model_max_length, score_choices
 from .tasks import TASKS, Example, GenItem, MCItem, TaskSpec
 
@@ -235,29 +235,35 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
 
     Returns {"task", "metric", "value", "n", "metrics", ...} (see docs/commands.md).
     """
-    spec: TaskSpec | None = lookup(TASKS, task, "task") if task is not None else None
-    chosen = _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, spec, offset)
-    if out is not None:
-        from .atomic import check_output
+    from .atomic import check_output
+    from .models import check_model, load_model, load_tokenizer, resolve_model
 
-        check_output(out, overwrite)
-    model_name = str(model) if isinstance(model, (str, os.PathLike)) else getattr(model.config, "_name_or_path", "")
-    rows, excluded, source = _load(task, data, split, data_dir, seed, train_examples_guard)
-    if train_data is not None:
-        train = load_jsonl(train_data)
+    with Collect() as check:  # every problem with the inputs, in one message, before any work
+        spec: TaskSpec | None = check(lookup, TASKS, task, "task") if task is not None else None
+        chosen = check(_check_args, task, data, split, limit, batch_size, max_new_tokens, metric, spec, offset) \
+            if task is None or spec is not None else None
+        if out is not None:
+            check(check_output, out, overwrite)
+        by_name = isinstance(model, (str, os.PathLike))
+        resolved = check(resolve_model, model) if by_name else None
+        if resolved is not None:
+            check(check_model, resolved, trust_remote_code, allow_pickle)
+        elif not by_name and tokenizer is None:
+            check.problems.append("evaluate() got a loaded model but no tokenizer; pass the tokenizer too.")
+        has_rows = spec is not None or (task is None and data is not None)
+        rows, excluded, source = (check(_load, task, data, split, data_dir, seed, train_examples_guard)
+                                  if has_rows else None) or (None, 0, "")
+        train = check(load_jsonl, train_data) if train_data is not None else None
+    model_name = str(model) if by_name else getattr(model.config, "_name_or_path", "")
+    if train is not None:
         check_disjoint(train, [r.example if isinstance(r, EvalRow) else r for r in rows], source)
     if offset and offset >= len(rows):
         raise GradPrunerError(f"offset {offset} skips all {len(rows)} evaluation items of {source}; use a smaller offset.")
     rows = rows[offset:]
     rows = rows[:limit] if limit else rows
-    if isinstance(model, (str, os.PathLike)):
-        from .models import load_model, load_tokenizer, resolve_model
-
-        resolved = resolve_model(model)
+    if by_name:
         model = load_model(resolved, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         tokenizer = tokenizer or load_tokenizer(resolved, trust_remote_code=trust_remote_code)
-    elif tokenizer is None:
-        raise GradPrunerError("evaluate() got a loaded model but no tokenizer; pass the tokenizer too.")
 
     t0 = time.perf_counter()
     result = {"task": task or "jsonl", "data": str(data) if data is not None else None, "source": source,

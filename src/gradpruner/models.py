@@ -128,32 +128,100 @@ def resolve_model(spec: str | os.PathLike) -> Path | str:
     return spec_str  # a Hub id: transformers resolves it (and fails clearly when offline)
 
 
+def _check_config_file(path: Path) -> dict:
+    """config.json of a local model folder, parsed; a file that does not parse is one clear error."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        where = f" ({exc.msg} at line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise GradPrunerError(f"Model config {path} is not valid JSON{where}; fix it or copy the model again.") from None
+    if not isinstance(data, dict):
+        raise GradPrunerError(f"Model config {path} holds a JSON {type(data).__name__}, not an object; fix it or copy the model again.")
+    return data
+
+
 def load_config(source: Path | str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    folder = Path(str(source))
+    raw = _check_config_file(folder / "config.json") if (folder / "config.json").is_file() else {}
     try:
         return AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
+        text = str(exc)
+        if "custom code" in text or "trust_remote_code" in text:
+            raise GradPrunerError(f"Model {source} needs its own Python code to load, which gradpruner never runs "
+                                  "by default; pass --trust-remote-code if you trust it.") from None
+        if "does not recognize this architecture" in text or "Unrecognized model" in text:
+            raise GradPrunerError(f"Model {source} has model_type {raw.get('model_type')!r}, which this transformers "
+                                  "version does not know; upgrade transformers or use a supported model.") from None
         raise GradPrunerError(f"Could not load the config of model {source} ({_first_line(exc)}); check the path or Hub id.") from None
+
+
+def _is_causal_lm(config, trust_remote_code: bool) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    custom = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or custom
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Safe weights that open (headers complete, files as long as they say), or one clear error."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not allow_pickle and not files and any(folder.glob("*.bin")):
+        raise GradPrunerError(
+            f"Model folder {folder} holds only pickled .bin weights, which can run code when loaded; "
+            "convert it to safetensors or pass --allow-pickle if you trust it."
+        )
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise GradPrunerError(f"Weight index {index} is not a valid safetensors index; copy the model again.") from None
+        missing = sorted(s for s in shards if not isinstance(s, str) or not (folder / s).is_file())
+        if missing:
+            raise GradPrunerError(f"Model folder {folder} lacks the weight file(s) {', '.join(map(str, missing[:3]))} "
+                                  f"its index lists; copy the model again.")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise GradPrunerError(f"Weight file {f} cannot be read ({_first_line(exc)}); it is truncated or corrupt, "
+                                  "copy or save the model again.") from None
+
+
+def check_model(source: Path | str, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """The config of a resolved model after checking, without loading weights, everything that
+    would make loading fail: config.json, a causal-LM architecture, safe and readable weight files."""
+    config = load_config(source, trust_remote_code)
+    if not _is_causal_lm(config, trust_remote_code):
+        raise GradPrunerError(
+            f"Model {source} (model_type={config.model_type!r}) is not a causal language model; "
+            "gradpruner needs a decoder-only LM such as Llama, Mistral, Qwen or Gemma."
+        )
+    if Path(str(source)).is_dir():
+        _check_weights(Path(str(source)), allow_pickle)
+    return config
 
 
 def load_model(source: Path | str, dtype=None, trust_remote_code: bool = False, allow_pickle: bool = False):
     """Load a causal LM from a resolved source without running code from it."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    config = load_config(source, trust_remote_code)
-    folder = Path(str(source))
-    if folder.is_dir() and not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
-        raise GradPrunerError(
-            f"Model folder {folder} holds only pickled .bin weights, which can run code when loaded; "
-            "convert it to safetensors or pass --allow-pickle if you trust it."
-        )
+    config = check_model(source, trust_remote_code, allow_pickle)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(source), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
         )
+    except torch.OutOfMemoryError:
+        raise
     except ValueError as exc:
         if "Unrecognized configuration class" in str(exc):
             raise GradPrunerError(
@@ -161,6 +229,9 @@ def load_model(source: Path | str, dtype=None, trust_remote_code: bool = False, 
                 "gradpruner needs a decoder-only LM such as Llama, Mistral, Qwen or Gemma."
             ) from None
         raise GradPrunerError(f"Could not load model {source} ({_first_line(exc)}); check the checkpoint.") from None
+    except (SafetensorError, RuntimeError) as exc:
+        raise GradPrunerError(f"Could not load the weights of model {source} ({_first_line(exc)}); the checkpoint "
+                              "is corrupt or does not match its config.json, copy or save it again.") from None
     except OSError as exc:
         raise GradPrunerError(f"Could not load model {source} ({_first_line(exc)}); check the path or Hub id.") from None
     model.eval()

@@ -16,7 +16,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from . import api
-from .atomic import read_json, write_json
+from .atomic import atomic_file, read_json, write_json
 from .config import RunConfig, dump_config
 from .costs import flops_per_token, latency, measure, param_counts
 from .tasks import SPLIT_SEED
@@ -258,6 +258,29 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     return {"metric": res["metric"], "value": res["value"], "n": res["n"]}
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Check the model, the data files and the run folder before any stage starts, reporting every
+    problem at once (the config's own keys were checked when it was read)."""
+    from .atomic import check_output
+    from .data import _require_file, load_examples, load_jsonl
+    from .errors import Collect
+    from .evaluation import check_disjoint
+    from .models import check_model, resolve_model
+
+    with Collect() as check:
+        source = check(resolve_model, cfg.model)
+        if source is not None:
+            check(check_model, source)
+        train = check(load_examples, task=cfg.task, data=cfg.data, split="train", data_dir=cfg.data_dir, seed=SPLIT_SEED)
+        if cfg.eval_data is not None and cfg.task is not None:
+            check(_require_file, Path(cfg.eval_data), "Config key eval_data: file", "give an existing JSONL file")
+        elif cfg.eval_data is not None:  # held-out prompt/completion lines: none may be a training line
+            held_out = check(load_jsonl, cfg.eval_data)
+            if train is not None and held_out is not None:
+                check(check_disjoint, train, held_out, str(cfg.eval_data))
+        check(check_output, cfg.out, True, inputs=(source if isinstance(source, Path) else None,))
+
+
 def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | None = None,
         reuse: list[str | Path] = ()) -> Path:
     """Run every stage that is not up to date; return the report path.
@@ -270,9 +293,11 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
     """
     from .report import write_report
 
+    preflight(cfg)
     r = Run(cfg, echo, isolate, store, reuse)
     d, at = r.dir, r.place
-    (d / "config.yaml").write_text(dump_config(cfg))
+    with atomic_file(d / "config.yaml") as fh:
+        fh.write(dump_config(cfg))
     echo(f"run folder {d}")
     if cfg.finetune.dense_baseline:
         r.stage("dense_ft", ["dense_ft", "dense_ft_finetune.json"], _finetune, cfg, cfg.model, at("dense_ft", "dense_ft"))
