@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, architectures, planning
+from . import __version__, architectures, distributed, planning
 from .atomic import atomic_dir, check_output, read_json, write_json
 from .capture import IGIACallback
 from .costs import param_counts
 from .data import PadCollator, load_examples, tokenize
-from .errors import GradPrunerError, lookup
-from .models import load_config, load_model, load_tokenizer, resolve_model
+from .errors import Collect, GradPrunerError, lookup
+from .models import check_model, load_config, load_model, load_tokenizer, resolve_model
 from .reporting import plot_layer_scores
 from .scoring import SCORE_RULES
 from .tasks import SPLIT_SEED
@@ -75,18 +75,16 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     from .selection import METHODS, Context
     from .variants import VARIANTS, statistics, variant_scores
 
-    spec = lookup(METHODS, method, "scoring method")
-    if spec.trains or steps_fraction is not None:
-        steps = resolve_steps(steps, steps_fraction, planned_steps)
-    if adapter not in ("lora", "dora"):
-        raise GradPrunerError(f"--adapter {adapter!r} is not known; use lora or dora.")
-    if calib_examples < 1:
-        raise GradPrunerError(f"--calib-examples {calib_examples} must be at least 1.")
-    if rank < 1 or batch_size < 1 or grad_accum < 1 or batch_size % grad_accum:
-        raise GradPrunerError("--rank and --batch-size must be ≥ 1 and --batch-size divisible by --grad-accum; fix the flags.")
-    source = resolve_model(model)
-    check_output(out, overwrite, inputs=(source if isinstance(source, Path) else None,))
-    examples = load_examples(task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
+    with Collect() as check:  # every problem with the inputs, in one message, before any work
+        spec = check(lookup, METHODS, method, "scoring method")
+        if (spec is not None and spec.trains) or steps_fraction is not None:
+            steps = check(resolve_steps, steps, steps_fraction, planned_steps)
+        check.problems.extend(_score_flag_problems(adapter, calib_examples, rank, batch_size, grad_accum, lr))
+        source = check(resolve_model, model)
+        if source is not None:
+            check(check_model, source, trust_remote_code, allow_pickle)
+        check(check_output, out, overwrite, inputs=(source if isinstance(source, Path) else None,))
+        examples = check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
     base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
     features = tokenize(examples, tok, max_length=max_length)
@@ -102,16 +100,23 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
         "train_examples": len(features), "layer_prefix": prefix, "layer_params": layer_params,
         "total_params": total_params, "model_type": base.config.model_type, "versions": _versions(),
     }
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    if distributed.world_size() > 1:
+        meta["processes"] = distributed.world_size()
+
+    def produce(tmp: Path | None) -> dict | None:
+        """Score into ``tmp`` (process 0); the other processes (``tmp`` None) only take part in the training."""
         if spec.fn is None:  # igia, igia_norm and the IGIA variants: the LoRA proxy with gradient capture
             stats = None
-            if method in VARIANTS:  # measured on the model as given, before any step
+            if method in VARIANTS and tmp is not None:  # measured on the model as given, before any step
                 stats = statistics(method, Context(base, tok, features, seed=seed, calib_examples=calib_examples,
                                                    batch_size=batch_size, target=target))
-            cb = IGIACallback(tmp, steps=steps, module_layer=module_layer, num_layers=len(layer_params), meta=meta)
+            cb = IGIACallback(tmp or Path(out), steps=steps, module_layer=module_layer, num_layers=len(layer_params),
+                              meta=meta)
             _train_lora(base, tok, features, names, cb, steps=steps, rank=rank, alpha=alpha, lr=lr,
                         batch_size=batch_size, grad_accum=grad_accum, seed=seed, dropout=lora_dropout,
-                        max_grad_norm=max_grad_norm, adapter=adapter, work_dir=tmp / ".trainer")
+                        max_grad_norm=max_grad_norm, adapter=adapter, work_dir=tmp / ".trainer" if tmp else None)
+            if tmp is None:
+                return None
             result = read_json(tmp / "scores.json", "Scores file")
             result["method"] = method
             if method in VARIANTS:
@@ -123,11 +128,37 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
             ctx = Context(base, tok, features, seed=seed, calib_examples=calib_examples, batch_size=batch_size,
                           steps=steps, lr=lr, target=target, options=dict(options or {}))
             result = {**meta, "num_layers": len(layer_params), "steps": steps if spec.trains else 0, **spec.fn(ctx)}
+            if tmp is None:
+                return None
         if not all(math.isfinite(v) for v in result["layer_scores"]):
             raise GradPrunerError(f"Method {method} produced non-finite layer scores; lower --lr or check the data.")
         write_json(tmp / "scores.json", result)
         plot_layer_scores(result["layer_scores"], tmp / "layer_scores.png", title=f"{method} layer scores")
-    return result
+        return result
+
+    def write() -> dict:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            return produce(tmp)
+
+    return distributed.on_main(write, lambda: produce(None))  # process 0 writes; every process gets its result
+
+
+def _score_flag_problems(adapter, calib_examples, rank, batch_size, grad_accum, lr) -> list[str]:
+    out = []
+    if adapter not in ("lora", "dora"):
+        out.append(f"--adapter {adapter!r} is not known; use lora or dora.")
+    if calib_examples < 1:
+        out.append(f"--calib-examples {calib_examples} must be at least 1.")
+    if rank < 1 or batch_size < 1 or grad_accum < 1 or batch_size % grad_accum:
+        out.append("--rank and --batch-size must be ≥ 1 and --batch-size divisible by --grad-accum; fix the flags.")
+    else:
+        try:
+            distributed.check_batch(batch_size, grad_accum)
+        except GradPrunerError as exc:
+            out.extend(exc.problems)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        out.append(f"--lr {lr} must be a positive number; use e.g. 1e-4.")
+    return out
 
 
 def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr, batch_size, grad_accum,
@@ -158,24 +189,23 @@ def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_p
 
     With ``granularity="hidden"`` (paper Appendix D) the same parameter budget is taken from the
     residual-stream width instead of from whole layers (see ``width``)."""
-    data = read_json(scores, "Scores file")
-    if "layer_scores" not in data:
-        raise GradPrunerError(f"Scores file {scores} has no layer_scores; make it with `gradpruner score`.")
-    if rule is not None:
-        lookup(SCORE_RULES, rule, "score rule")
+    with Collect() as check:
+        data = check(_read_scores, scores)
+        if rule is not None:
+            check(lookup, SCORE_RULES, rule, "score rule")
+        if (prune is None) == (target_params is None):
+            check.problems.append("Give exactly one of --prune N or --target-params FRACTION.")
+        if granularity not in ("layer", "hidden"):
+            check.problems.append(f"--granularity {granularity!r} is not known; use layer or hidden.")
+        check(check_output, out, overwrite)
     own = rule in (None, data.get("method", "igia"))  # the method's own scores; else an IGIA variant
     layer_scores = data["layer_scores"] if own else (data.get("layer_scores_by_rule") or {}).get(rule)
     if layer_scores is None:
         raise GradPrunerError(f"Scores file {scores} has no scores for rule {rule!r}; score again with this version of gradpruner.")
-    if (prune is None) == (target_params is None):
-        raise GradPrunerError("Give exactly one of --prune N or --target-params FRACTION.")
-    check_output(out, overwrite)
     if target_params is not None:
         if not data.get("layer_params"):
             raise GradPrunerError(f"Scores file {scores} records no layer_params; use --prune N instead of --target-params.")
         prune = planning.layers_for_target(layer_scores, data["layer_params"], data["total_params"], target_params)
-    if granularity not in ("layer", "hidden"):
-        raise GradPrunerError(f"--granularity {granularity!r} is not known; use layer or hidden.")
     result = planning.make_plan(layer_scores, prune, merge, data.get("layer_params"), data.get("total_params"),
                                 protect_last=protect_last, max_block=max_block)
     if granularity == "hidden":
@@ -184,6 +214,13 @@ def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_p
                    "method": data.get("method", "igia"), "score_rule": rule or data.get("method", "igia")})
     write_json(out, result)
     return result
+
+
+def _read_scores(scores) -> dict:
+    data = read_json(scores, "Scores file")
+    if not isinstance(data, dict) or "layer_scores" not in data:
+        raise GradPrunerError(f"Scores file {scores} has no layer_scores; make it with `gradpruner score`.")
+    return data
 
 
 def _hidden_plan(scores, data: dict, layer_plan: dict) -> dict:
@@ -211,22 +248,68 @@ def _hidden_plan(scores, data: dict, layer_plan: dict) -> dict:
 
 def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path | None = None,
           density: float = 0.2, merge_rule: str = "sign_sum", overwrite: bool = False,
-          trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
-    """Merge, remove layers and save a standard checkpoint to ``out`` (GUIDE §1.6–1.7)."""
-    from .merging import MERGE_RULES, merge_layers, needs_igia
-    from .surgery import remove_layers, save_model
+          trust_remote_code: bool = False, allow_pickle: bool = False, out_of_core: bool | None = None,
+          max_shard_size: str | int = "2GB") -> dict:
+    """Merge, remove layers and save a standard checkpoint to ``out`` (GUIDE §1.6–1.7).
 
-    lookup(MERGE_RULES, merge_rule, "merge rule")
-    if not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise GradPrunerError(f"--density {density} is outside (0, 1]; use e.g. 0.2 (keep 20% of each merged module's entries).")
-    source = resolve_model(model)
-    raw_plan = plan if isinstance(plan, dict) else read_json(plan, "Plan file")
-    config = load_config(source, trust_remote_code)
-    the_plan = planning.validate_plan(raw_plan, config.num_hidden_layers)
-    check_output(out, overwrite, inputs=(source if isinstance(source, Path) else None,))
-    factors = _factor_path(the_plan, igia, plan) if the_plan["merge"] and needs_igia(merge_rule) else None
-    if factors is not None:
-        _check_factor_names(factors, the_plan, merge_rule)
+    ``out_of_core``: True streams the checkpoint shard by shard without loading the model
+    (``gradpruner.shards``; output shards of at most ``max_shard_size``), False loads it, None (the
+    default) streams whenever the input allows it (a local safetensors folder with the model's own
+    tensor names, no hidden-size pruning). Both write the same tensors."""
+    from .merging import MERGE_RULES, needs_igia
+    from .shards import parse_size
+    from .surgery import save_model
+
+    with Collect() as check:  # every problem with the inputs, in one message, before any work
+        check(lookup, MERGE_RULES, merge_rule, "merge rule")
+        check(_check_density, density)
+        shard_bytes = check(parse_size, max_shard_size)
+        source = check(resolve_model, model)
+        raw_plan = plan if isinstance(plan, dict) else check(_read_plan, plan)
+        config = check(check_model, source, trust_remote_code, allow_pickle) if source is not None else None
+        the_plan = None if raw_plan is None else check(
+            planning.validate_plan, raw_plan, config.num_hidden_layers if config is not None else None)
+        check(check_output, out, overwrite, inputs=(source if isinstance(source, Path) else None,))
+        factors = None
+        if the_plan is not None and the_plan["merge"] and merge_rule in MERGE_RULES and needs_igia(merge_rule):
+            factors = check(_factor_path, the_plan, igia, plan)
+            if factors is not None:
+                check(_check_factor_names, factors, the_plan, merge_rule)
+    stream = _choose_streaming(out_of_core, source, config, the_plan)
+    meta = {"plan": the_plan, "density": density, "merge_rule": merge_rule, "source": str(source),
+            "igia": str(factors) if factors else None, "out_of_core": stream, "versions": _versions()}
+    if stream:
+        from .shards import prune_streaming
+
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            meta["merge_stats"] = prune_streaming(source, config, the_plan, tmp, factors, density, merge_rule,
+                                                  shard_bytes)
+            write_json(tmp / "gradpruner.json", meta)
+        return meta
+    model_obj, tok, meta["merge_stats"] = _prune_in_memory(source, config, the_plan, factors, density, merge_rule,
+                                                           trust_remote_code, allow_pickle)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_model(model_obj, tok, tmp, extra_files={"gradpruner.json": meta})
+    return meta
+
+
+def _choose_streaming(out_of_core: bool | None, source, config, the_plan: dict) -> bool:
+    from .shards import stream_problem
+
+    if out_of_core is False:
+        return False
+    problem = stream_problem(source, config, the_plan)
+    if problem is not None and out_of_core:
+        raise GradPrunerError(f"--out-of-core cannot prune {source}: {problem}; drop --out-of-core to load "
+                              "the model into memory instead.")
+    return problem is None
+
+
+def _prune_in_memory(source, config, the_plan: dict, factors, density: float, merge_rule: str,
+                     trust_remote_code: bool, allow_pickle: bool):
+    from .merging import merge_layers
+    from .surgery import remove_layers
+
     model_obj = load_model(source, dtype=getattr(config, "dtype", None) or torch.float32,
                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
@@ -236,11 +319,20 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
         from .width import prune_width, validate_width
 
         prune_width(model_obj, validate_width(the_plan["hidden"], model_obj.config))
-    meta = {"plan": the_plan, "density": density, "merge_rule": merge_rule, "source": str(source),
-            "igia": str(factors) if factors else None, "merge_stats": stats, "versions": _versions()}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_model(model_obj, tok, tmp, extra_files={"gradpruner.json": meta})
-    return meta
+    return model_obj, tok, stats
+
+
+def _read_plan(path) -> dict:
+    data = read_json(path, "Plan file")
+    if not isinstance(data, dict):
+        raise GradPrunerError(f"Plan file {path} holds a JSON {type(data).__name__}, not an object with num_layers, "
+                              "keep and drop; fix it or make it with `gradpruner plan`.")
+    return data
+
+
+def _check_density(density) -> None:
+    if not (isinstance(density, (int, float)) and not isinstance(density, bool) and 0 < density <= 1):
+        raise GradPrunerError(f"--density {density} is outside (0, 1]; use e.g. 0.2 (keep 20% of each merged module's entries).")
 
 
 def _factor_path(the_plan: dict, igia, plan_arg) -> Path:

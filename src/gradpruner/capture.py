@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import scoring
+from . import distributed, scoring
 from .atomic import write_json
 from .errors import GradPrunerError
 
@@ -73,7 +73,7 @@ def lora_modules(model) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and module.lora_A:
             adapter = module.active_adapters[0] if module.active_adapters else next(iter(module.lora_A))
-            base = name.removeprefix("base_model.model.")
+            base = distributed.module_name(name).removeprefix("base_model.model.")
             found[base] = (module.lora_A[adapter], module.lora_B[adapter])
     if not found:
         raise GradPrunerError("The model given to IGIACallback has no LoRA modules; wrap it with peft.get_peft_model first.")
@@ -100,31 +100,47 @@ class IGIACallback(TrainerCallback):
 
     # --- Trainer events ---------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        args.logging_nan_inf_filter = False  # the Trainer would log a NaN loss as the mean of earlier ones
         self.model = self.model or model
         self.modules = lora_modules(self.model)
         if self.module_layer is None:
             self.module_layer = {n: _layer_of(n) for n in self.modules}
         self.num_layers = self.num_layers or (max(self.module_layer.values()) + 1)
-        self.is_main = state.is_world_process_zero
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.is_main = state.is_world_process_zero  # only process 0 writes; all capture (collectives)
+        self.backend = distributed.grad_backend(args)
+        with distributed.gathered(model, self.backend, grads=False):
             shapes = {}
             for name, (a, b) in self.modules.items():
-                shapes[f"{name}.grad_A"] = tuple(a.weight.shape)
-                shapes[f"{name}.grad_B"] = tuple(b.weight.shape)
+                shapes[f"{name}.grad_A"] = distributed.full_shape(a.weight, self.backend)
+                shapes[f"{name}.grad_B"] = distributed.full_shape(b.weight, self.backend)
+        self.shapes = shapes
+        if self.backend == distributed.DEEPSPEED and not distributed.call_before_step(
+                kwargs.get("optimizer"), lambda: self._capture(state, model)):
+            raise GradPrunerError("IGIACallback cannot reach DeepSpeed's optimizer step to read the gradients; "
+                                  "run without DeepSpeed (DDP or FSDP) or report this setup.")
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
             self.partial = self.out_dir / ".igia.safetensors.partial"
             self.writer = FactorWriter(self.partial, shapes, self.steps, self.factor_dtype)
         self.norms = {n: [] for n in self.modules}
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.backend != distributed.DEEPSPEED:  # DeepSpeed steps earlier; see on_train_begin
+            self._capture(state, model)
+
+    def _capture(self, state, model) -> None:
         if self.done:
             return
+        with distributed.gathered(model, self.backend):
+            self._capture_step()
+
+    def _capture_step(self) -> None:
         step = self.captured
         for name, (a, b) in self.modules.items():
-            ga, gb = a.weight.grad, b.weight.grad
+            ga, gb = distributed.full_grad(a.weight, self.backend), distributed.full_grad(b.weight, self.backend)
             if ga is None or gb is None:
-                ga = torch.zeros_like(a.weight) if ga is None else ga
-                gb = torch.zeros_like(b.weight) if gb is None else gb
+                ga = _zeros(self.shapes[f"{name}.grad_A"], a.weight) if ga is None else ga
+                gb = _zeros(self.shapes[f"{name}.grad_B"], b.weight) if gb is None else gb
             sq = float(scoring.step_sq_norms(gb, ga))
             if not math.isfinite(sq) or not bool(torch.isfinite(ga).all() and torch.isfinite(gb).all()):
                 self._abort()
@@ -213,6 +229,10 @@ class IGIACallback(TrainerCallback):
         if self.writer is not None:
             self.writer.close()
             self.partial.unlink(missing_ok=True)
+
+
+def _zeros(shape, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
 def _layer_of(name: str) -> int:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import sys
 import traceback
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rank", type=int, default=8)
     s.add_argument("--alpha", type=float, default=32)
     s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    s.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (the global batch, split "
+                   "over the processes of torchrun / accelerate launch)")
     s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     s.add_argument("--max-length", type=int, default=512, help="tokens per example (prompt truncated from the left)")
     s.add_argument("--lora-dropout", type=float, default=0.0)
@@ -73,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plan", required=True, help="plan.json (from `gradpruner plan` or written by hand)")
     r.add_argument("--igia", help="igia.safetensors (default: beside the plan's scores file)")
     r.add_argument("--density", type=float, default=0.2, help="fraction p of a merged module's entries kept (default 0.2)")
+    mem = r.add_mutually_exclusive_group()
+    mem.add_argument("--out-of-core", dest="out_of_core", action="store_true", default=None,
+                     help="stream the safetensors shards without loading the model (the default whenever the input "
+                          "allows it); fail if it does not")
+    mem.add_argument("--in-memory", dest="out_of_core", action="store_false", help="load the whole model instead")
+    r.add_argument("--max-shard-size", default="2GB", help="largest output shard when streaming (default 2GB)")
     r.add_argument("--merge-rule", default="sign_sum", help="sign_sum (default, paper Eq. 5), sign_mean (Eq. 6), fisher (App. B.2), weighted_average "
                    "(Fig. 7), ties, laco or none; see docs/merge_rules.md")
     _add_out(r, "folder for the pruned checkpoint")
@@ -87,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--lr", type=float, help="default 2e-4 for lora, 1e-5 for full")
     f.add_argument("--epochs", type=float, default=3.0, help="the paper's 3 (ignored with --max-steps)")
     f.add_argument("--max-steps", type=int)
-    f.add_argument("--batch-size", type=int, default=8)
+    f.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step, over all processes")
     f.add_argument("--grad-accum", type=int, default=1)
     f.add_argument("--max-length", type=int, default=512)
     f.add_argument("--rank", type=int, default=8)
     f.add_argument("--alpha", type=float, default=32)
+    f.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05; 0 makes runs on "
+                   "1 and N processes give the same weights)")
     f.add_argument("--save-steps", type=int, default=50, help="checkpoint every N optimizer steps")
     f.add_argument("--limit", type=int, help="train on the first K examples only")
     f.add_argument("--seed", type=int, default=0)
@@ -189,14 +200,16 @@ def _run(args) -> int:
         print(f"wrote {args.out}")
     elif args.command == "prune":
         api.prune(args.model, args.plan, args.out, igia=args.igia, density=args.density, merge_rule=args.merge_rule,
-                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                  out_of_core=args.out_of_core, max_shard_size=args.max_shard_size)
         print(f"wrote {args.out}")
     elif args.command == "finetune":
         from .finetune import FinetuneConfig, finetune
 
         cfg = FinetuneConfig(mode=args.mode, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                              batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-                             rank=args.rank, alpha=args.alpha, save_steps=args.save_steps, limit=args.limit,
+                             rank=args.rank, alpha=args.alpha, lora_dropout=args.lora_dropout,
+                             save_steps=args.save_steps, limit=args.limit,
                              seed=args.seed)
         rec = finetune(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir, config=cfg,
                        resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
@@ -258,18 +271,43 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .distributed import is_main
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if not is_main():  # torchrun / accelerate launch: every process gets the same result; process 0 speaks
+            with contextlib.redirect_stdout(io.StringIO()):
+                return _run(args)
         return _run(args)
-    except GradPrunerError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"gradpruner: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("gradpruner: interrupted; outputs of this command were not written.", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - only the kinds _user_error recognises are handled
+        message = _user_error(exc)
+        if message is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        if is_main() or args.debug:  # the other processes raise the same error (see distributed.on_main)
+            print(f"gradpruner: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """The message for an error that is the user's input or machine, not a bug; None for anything else."""
+    from .errors import disk_full
+
+    if isinstance(exc, GradPrunerError):
+        return str(exc)
+    if disk_full(exc):
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        return f"The disk is full{where}; free space (or choose another --out) and run again, nothing half-written was kept."
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
+        return ("Ran out of memory; lower --batch-size or --max-length (or use a machine with more memory) and run "
+                "again, nothing half-written was kept.")
+    return None
 
 
 if __name__ == "__main__":

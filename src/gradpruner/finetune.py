@@ -8,6 +8,7 @@ plain ``save_pretrained`` folder (LoRA merged, no adapter files) with ``finetune
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import resource
@@ -21,11 +22,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import architectures
+from . import architectures, distributed
 from .atomic import atomic_dir, check_output, read_json, write_json
 from .data import PadCollator, load_examples, tokenize
-from .errors import GradPrunerError, lookup
-from .models import load_config, load_model, load_tokenizer, resolve_model
+from .errors import Collect, GradPrunerError, lookup
+from .models import check_model, load_config, load_model, load_tokenizer, resolve_model
 from .surgery import save_model
 from .tasks import SPLIT_SEED
 
@@ -137,10 +138,18 @@ def _step_of(checkpoint: Path) -> int:
     return int(tail) if tail.isdigit() else -1
 
 
+def _complete(checkpoint: Path) -> bool:
+    """Whether the Trainer finished writing ``checkpoint``: its state, written last, is whole JSON."""
+    try:
+        return isinstance(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def last_checkpoint(ckpt: Path) -> Path | None:
-    """The ``checkpoint-<step>`` folder with the highest step that holds a trainer state."""
-    found = [p for p in ckpt.glob("checkpoint-*") if _step_of(p) >= 0
-             and (p / "trainer_state.json").is_file()] if ckpt.is_dir() else []
+    """The ``checkpoint-<step>`` folder with the highest step that was completely written (a run
+    killed while saving one leaves it without a whole trainer state; the one before is used)."""
+    found = [p for p in ckpt.glob("checkpoint-*") if _step_of(p) >= 0 and _complete(p)] if ckpt.is_dir() else []
     return max(found, key=_step_of, default=None)
 
 
@@ -156,11 +165,19 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
     when there is none). ``callbacks`` are extra ``TrainerCallback`` objects.
     """
     start = time.monotonic()
-    cfg = validate_config(config or FinetuneConfig())
     out = Path(out)
-    source = resolve_model(model)
-    ckpt, replace = _check_locations(out, source, resume, overwrite)
-    examples = load_examples(task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
+    with Collect() as check:  # every problem with the inputs, in one message, before any work
+        cfg = check(validate_config, config or FinetuneConfig())
+        if cfg is not None:
+            check(distributed.check_batch, cfg.batch_size, cfg.grad_accum)
+        source = check(resolve_model, model)
+        if source is not None:
+            check(check_model, source, trust_remote_code, allow_pickle)
+        ckpt, replace = check(_check_locations, out, source, resume, overwrite) or (None, False)
+        examples = check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
+    main = distributed.is_main()  # with several processes only process 0 writes
+    if ckpt.exists() and not resume and main:  # only now that every input is fine: discard what --overwrite replaces
+        shutil.rmtree(ckpt)
     tok = load_tokenizer(source, trust_remote_code)
     features = tokenize(examples[: cfg.limit], tok, max_length=cfg.max_length)
     run = {"config": dataclasses.asdict(cfg), "model": str(source), "task": task,
@@ -168,36 +185,44 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
     checkpoint = _resume_point(ckpt, run) if resume else None
     save_dtype = getattr(load_config(source, trust_remote_code), "dtype", None)
     base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    ckpt.mkdir(parents=True, exist_ok=True)
-    write_json(ckpt / RUN_FILE, run)
+    if main:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        write_json(ckpt / RUN_FILE, run)
     try:
-        trained, trainer = _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks)
+        trained, trainer = _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks,
+                                  reload=lambda: load_model(source, trust_remote_code=trust_remote_code,
+                                                            allow_pickle=allow_pickle))
     except BaseException:
-        if last_checkpoint(ckpt) is None:  # nothing to resume from: leave nothing behind
+        if main and last_checkpoint(ckpt) is None:  # nothing to resume from: leave nothing behind
             shutil.rmtree(ckpt, ignore_errors=True)
         raise
     record = _record(run, model, trainer, checkpoint, start)
-    if isinstance(save_dtype, torch.dtype) and save_dtype.is_floating_point and save_dtype != torch.float32:
-        trained = trained.to(save_dtype)  # trained in float32, saved in the source's precision
-    with atomic_dir(out, overwrite=replace) as tmp:
-        save_model(trained, tok, tmp, extra_files={"finetune.json": record})
-    shutil.rmtree(ckpt, ignore_errors=True)
-    return record
+
+    def save() -> dict:
+        model = trained
+        if isinstance(save_dtype, torch.dtype) and save_dtype.is_floating_point and save_dtype != torch.float32:
+            model = model.to(save_dtype)  # trained in float32, saved in the source's precision
+        with atomic_dir(out, overwrite=replace) as tmp:
+            save_model(model, tok, tmp, extra_files={"finetune.json": record})
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return record
+
+    # process 0 saves once every process is done (the last checkpoint included); all return its record
+    return distributed.on_main(save, wait=True)
 
 
 def _check_locations(out: Path, source, resume: bool, overwrite: bool) -> tuple[Path, bool]:
-    """(checkpoints folder, whether ``out`` may be replaced), after checking both locations."""
+    """(checkpoints folder, whether ``out`` may be replaced), after checking both locations; nothing
+    is removed here."""
     ckpt = checkpoint_dir(out)
     saved = last_checkpoint(ckpt) is not None
     # With resume, an existing out is replaced when checkpoints exist: a run that wrote out but was
     # stopped before it removed its checkpoints.
     replace = overwrite or (resume and saved)
     check_output(out, replace, inputs=(source if isinstance(source, Path) else None,))
-    if ckpt.exists() and not resume:
-        if saved and not overwrite:
-            raise GradPrunerError(f"Checkpoints of an earlier run exist at {ckpt}; pass --resume to continue "
-                                  "that run or --overwrite to discard them and start afresh.")
-        shutil.rmtree(ckpt)
+    if ckpt.exists() and not resume and saved and not overwrite:
+        raise GradPrunerError(f"Checkpoints of an earlier run exist at {ckpt}; pass --resume to continue "
+                              "that run or --overwrite to discard them and start afresh.")
     return ckpt, replace
 
 
@@ -237,7 +262,8 @@ def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
     bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
     return TrainingArguments(
         output_dir=str(ckpt), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
-        per_device_train_batch_size=cfg.batch_size // cfg.grad_accum, gradient_accumulation_steps=cfg.grad_accum,
+        per_device_train_batch_size=distributed.per_device_batch(cfg.batch_size, cfg.grad_accum),
+        gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch", bf16=bf16,
         logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
@@ -247,8 +273,9 @@ def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
     )
 
 
-def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks):
-    """(trained plain model, trainer) after training from scratch or from ``checkpoint``."""
+def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks, reload=None):
+    """(trained plain model, trainer) after training from scratch or from ``checkpoint``; under FSDP
+    or DeepSpeed the model is whole on process 0 only (None elsewhere), rebuilt from ``reload()``."""
     from transformers import PrinterCallback, Trainer, set_seed
 
     set_seed(cfg.seed)
@@ -266,8 +293,27 @@ def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when the bars are off
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    model = _whole(trainer, model, cfg, reload)
+    if model is None:
+        return None, trainer
     trained = model.merge_and_unload() if cfg.mode == "lora" else model
     return trained.eval(), trainer
+
+
+def _whole(trainer, model, cfg, reload):
+    """``model`` itself for one process or DDP; under FSDP or DeepSpeed (sharded weights) the gathered
+    state dict loaded into a fresh copy on process 0, None on the others."""
+    if distributed.grad_backend(trainer.args) == distributed.PLAIN or reload is None:
+        return model
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective: every process
+    if not distributed.is_main():
+        return None
+    fresh = _peft_model(reload(), cfg) if cfg.mode == "lora" else reload()
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    if unexpected or any("lm_head" not in k for k in missing):
+        raise GradPrunerError(f"The gathered weights do not fit the model ({len(missing)} missing, {len(unexpected)} "
+                              "unexpected); with DeepSpeed ZeRO-3 set stage3_gather_16bit_weights_on_model_save.")
+    return fresh
 
 
 class StopOnNonFinite(TrainerCallback):
@@ -286,7 +332,8 @@ class StopOnNonFinite(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if any(not bool(torch.isfinite(g).all()) for g in grads):
+        bad = any(not bool(torch.isfinite(g).all()) for g in grads)
+        if distributed.any_process(bad):  # FSDP shards: one process may hold the bad entries
             raise self._error("gradients", state.global_step + 1)
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -270,18 +270,19 @@ def merge_module(w_dst: Tensor, srcs: list[tuple[Tensor, Tensor | None]], rule: 
 
 # --- applying a plan's merges to a model --------------------------------------------------------
 
-def _factor_igia(f, keys: set[str], name: str, module: torch.nn.Linear, path) -> Tensor:
-    """Build F_W for one module from its stored factors, checking they belong to this module."""
+def module_igia(f, keys: set[str], name: str, shape: tuple[int, int], path) -> Tensor:
+    """Build F_W for one module of weight ``shape`` (out, in) from its stored factors, checking they
+    belong to this module."""
     from .scoring import igia_matrix
 
     if f"{name}.grad_A" not in keys or f"{name}.grad_B" not in keys:
         raise GradPrunerError(f"IGIA file {path} has no factors for {name}; score this model again "
                               "(the file may come from another model).")
     grad_a, grad_b = f.get_tensor(f"{name}.grad_A"), f.get_tensor(f"{name}.grad_B")
-    if grad_a.shape[2] != module.in_features or grad_b.shape[1] != module.out_features:
+    if grad_a.shape[2] != shape[1] or grad_b.shape[1] != shape[0]:
         raise GradPrunerError(f"IGIA factors for {name} in {path} have shapes {tuple(grad_b.shape)} and "
-                              f"{tuple(grad_a.shape)}, not those of this model's {module.out_features}×"
-                              f"{module.in_features} module; score this model again.")
+                              f"{tuple(grad_a.shape)}, not those of this model's {shape[0]}×{shape[1]} "
+                              "module; score this model again.")
     return igia_matrix(grad_b, grad_a)
 
 
@@ -320,7 +321,8 @@ def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "
 
         def igia_of(i: int, rel: str, wanted: bool):
             name = f"{prefix}.{i}.{rel}"
-            return _factor_igia(f, keys, name, layers[i][rel], factors_path) if wanted else None
+            mod = layers[i][rel]
+            return module_igia(f, keys, name, (mod.out_features, mod.in_features), factors_path) if wanted else None
 
         for t, rel in tqdm(jobs, desc="merging", unit="module"):
             dst = layers[t][rel]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import architectures
 from .data import PadCollator
+from .errors import GradPrunerError
 
 
 @dataclass
@@ -54,24 +55,40 @@ def _layers(model) -> torch.nn.ModuleList:
 def train_steps(model, tok, features, callback, *, steps: int, batch_size: int, lr: float, seed: int,
                 grad_accum: int = 1, max_grad_norm: float = 0.0, work_dir=None, progress: bool = False) -> None:
     """``steps`` optimizer steps at a constant learning rate (no warm-up, no decay, nothing saved),
-    with ``callback`` seeing every step: the short runs that gradient-based scoring needs."""
+    with ``callback`` seeing every step: the short runs that gradient-based scoring needs.
+
+    ``batch_size`` is the global batch of an optimizer step: under ``torchrun`` / ``accelerate launch``
+    each of the W processes takes ``batch_size / (W · grad_accum)`` examples per micro-batch, so the
+    optimizer steps see the same examples as in one process (see ``distributed``)."""
     import shutil
     import tempfile
 
     from transformers import Trainer, TrainingArguments
 
+    from .distributed import per_device_batch
+
+    per_device = per_device_batch(batch_size, grad_accum)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="gradpruner-steps-"))
     args = TrainingArguments(
-        output_dir=str(work), max_steps=steps, per_device_train_batch_size=batch_size // grad_accum,
+        output_dir=str(work), max_steps=steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
         seed=seed, data_seed=seed, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0, disable_tqdm=not progress)
+    _check_launch(args)
     try:
         Trainer(model=model, args=args, train_dataset=features, data_collator=PadCollator(tok.pad_token_id),
                 callbacks=[callback]).train()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_launch(args) -> None:
+    from .distributed import world_size
+
+    if args.world_size != world_size():
+        raise GradPrunerError(f"The launcher started {args.world_size} processes but the environment says "
+                              f"{world_size()} (WORLD_SIZE); launch with torchrun or accelerate launch.")
 
 
 # --- training-free ---------------------------------------------------------------------------

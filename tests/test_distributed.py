@@ -1,0 +1,191 @@
+"""Several processes: `torchrun --nproc_per_node 2` (CPU, gloo) gives the 1-process results; the
+full-gradient accessor picks the right way per backend (DeepSpeed and FSDP through stubs)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from gradpruner import distributed
+from gradpruner.cli import main
+from gradpruner.errors import GradPrunerError
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, procs: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(BIN / "gradpruner"), *map(str, args)]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rtol=1e-4):
+    """Each step slice equal to ``rtol`` relative to its norm: the all-reduce sums in another order, so
+    entries that nearly cancel differ more than elementwise tolerance allows."""
+    a, b = a.double().reshape(a.shape[0], -1), b.double().reshape(b.shape[0], -1)
+    err = (a - b).norm(dim=1) / a.norm(dim=1).clamp_min(1e-30)
+    assert float(err.max()) <= rtol, f"relative error {float(err.max()):.2e}"
+
+
+# --- end to end: 1 process vs 2 --------------------------------------------------------------
+
+SCORE = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--seed", "0", "--max-length", "64"]
+
+
+def test_score_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
+    two = torchrun("score", "--model", tiny_llama, "--data", qa_file, *SCORE, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["score", "--model", str(tiny_llama), "--data", str(qa_file), *SCORE, "--out", str(tmp_path / "one")]) == 0
+    assert two.stdout.count("method igia; wrote") == 1  # process 0 speaks, once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # no stray temporaries
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["igia.safetensors", "layer_scores.png", "scores.json"]
+    s1, s2 = (json.loads((tmp_path / d / "scores.json").read_text()) for d in ("one", "two"))
+    assert (s2["processes"], s2["steps"], s2["batch_size"]) == (2, 4, 4) and "processes" not in s1
+    assert s2["layer_scores"] == pytest.approx(s1["layer_scores"], rel=1e-4)
+    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-5)  # the same global batches, token-weighted mean
+    f1, f2 = (load_file(str(tmp_path / d / "igia.safetensors")) for d in ("one", "two"))
+    assert f1.keys() == f2.keys()
+    for k in f1:
+        _close(f2[k], f1[k])
+
+
+def test_finetune_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
+    flags = ["--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--lora-dropout", "0", "--seed", "0",
+             "--save-steps", "2", "--max-length", "64"]
+    two = torchrun("finetune", "--model", tiny_llama, "--data", qa_file, *flags, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["finetune", "--model", str(tiny_llama), "--data", str(qa_file), *flags, "--out", str(tmp_path / "one")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # checkpoints removed, nothing else
+    w1, w2 = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+    r2 = json.loads((tmp_path / "two" / "finetune.json").read_text())
+    assert r2["optimizer_steps"] == 3
+
+
+def test_a_batch_that_does_not_split_fails_on_every_process_without_hanging(tiny_llama, qa_file, tmp_path):
+    res = torchrun("score", "--model", tiny_llama, "--data", qa_file, "--steps", "2", "--batch-size", "5",
+                   "--out", tmp_path / "s", timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.count("does not split over 2 processes") == 1  # said once, by process 0
+    assert not (tmp_path / "s").exists()
+
+
+# --- process 0 writes, errors agree (one process) ---------------------------------------------
+
+def test_check_batch_and_per_device_batch(monkeypatch):
+    distributed.check_batch(8, 2, processes=4)
+    with pytest.raises(GradPrunerError, match="use a multiple of 4"):
+        distributed.check_batch(6, 2, processes=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.per_device_batch(8, 2) == 2
+    monkeypatch.delenv("WORLD_SIZE")
+    assert distributed.per_device_batch(8, 2) == 4 and distributed.is_main()
+
+
+def test_on_main_in_one_process_is_a_plain_call():
+    assert distributed.on_main(lambda: 3, lambda: pytest.fail("others run only on other processes")) == 3
+    with pytest.raises(GradPrunerError, match="boom"):
+        distributed.on_main(lambda: (_ for _ in ()).throw(GradPrunerError("boom")))
+
+
+# --- the full-gradient accessor ---------------------------------------------------------------
+
+@pytest.fixture
+def fake_deepspeed(monkeypatch):
+    calls = []
+
+    def safe_get_full_grad(param):
+        calls.append(param)
+        return param.grad * 1  # the real one gathers the ZeRO partitions into the whole fp32 gradient
+
+    utils = types.ModuleType("deepspeed.utils")
+    utils.safe_get_full_grad = safe_get_full_grad
+    pkg = types.ModuleType("deepspeed")
+    pkg.utils = utils
+    monkeypatch.setitem(sys.modules, "deepspeed", pkg)
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", utils)
+    return calls
+
+
+def test_backend_is_chosen_from_the_run(monkeypatch):
+    for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.grad_backend(None) == "plain"
+    state = SimpleNamespace(distributed_type="DistributedType.MULTI_CPU")
+    assert distributed.grad_backend(SimpleNamespace(distributed_state=state, deepspeed=None, fsdp=None)) == "plain"
+    state = SimpleNamespace(distributed_type="DistributedType.FSDP")
+    assert distributed.grad_backend(SimpleNamespace(distributed_state=state, deepspeed=None, fsdp=None)) == "fsdp"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert distributed.grad_backend(None) == "deepspeed"
+
+
+def test_accessor_per_backend(fake_deepspeed):
+    p = torch.nn.Parameter(torch.ones(2, 3))
+    p.grad = torch.full((2, 3), 2.0)
+    assert distributed.full_grad(p) is p.grad and not fake_deepspeed
+    torch.testing.assert_close(distributed.full_grad(p, "deepspeed"), p.grad)
+    assert fake_deepspeed == [p]
+    whole = torch.arange(6.0)
+    sharded = SimpleNamespace(grad=SimpleNamespace(full_tensor=lambda: whole))  # an FSDP2 DTensor gradient
+    assert distributed.full_grad(sharded, "fsdp") is whole
+    p.ds_shape = torch.Size([4, 3])  # ZeRO-3 keeps the whole shape there; .shape is the partition's
+    assert distributed.full_shape(p, "deepspeed") == (4, 3) and distributed.full_shape(p) == (2, 3)
+    assert distributed.module_name("_fsdp_wrapped_module.base_model.model.model.layers.0."
+                                   "_fsdp_wrapped_module.self_attn.q_proj") == "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def test_capture_under_deepspeed_reads_full_grads_inside_the_optimizer_step(fake_deepspeed, monkeypatch, tiny_llama, tmp_path):
+    """DeepSpeed steps inside accelerator.backward, before on_pre_optimizer_step: the capture must
+    run first thing in its optimizer step and read the gradients through safe_get_full_grad."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gradpruner.capture import IGIACallback
+
+    monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))
+    seen = []
+    inner = SimpleNamespace(step=lambda: seen.append(len(fake_deepspeed)))
+    cb = IGIACallback(tmp_path / "s", steps=2)
+    args, state = SimpleNamespace(logging_nan_inf_filter=True), SimpleNamespace(is_world_process_zero=True, global_step=0)
+    cb.on_train_begin(args, state, None, model=model, optimizer=SimpleNamespace(optimizer=inner))
+    for step in range(2):
+        model.zero_grad()
+        model(input_ids=torch.tensor([[1, 5, 9, 4]]), labels=torch.tensor([[1, 5, 9, 4]])).loss.backward()
+        cb.on_pre_optimizer_step(args, state, None, model=model)  # too late under DeepSpeed: ignored
+        assert cb.captured == step
+        inner.step()  # DeepSpeed's engine.step -> optimizer.step: the capture runs first
+        assert cb.captured == step + 1
+    assert seen == [16, 32]  # 8 modules × (A, B) read through safe_get_full_grad before each step
+    cb.on_log(args, state, None, logs={"loss": 1.0})
+    assert json.loads((tmp_path / "s" / "scores.json").read_text())["steps"] == 2
+    fac = load_file(str(tmp_path / "s" / "igia.safetensors"))
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(fac["model.layers.0.self_attn.q_proj.grad_B"][1], q.lora_B["default"].weight.grad)
