@@ -107,3 +107,25 @@ def qa_rows(n: int = 40) -> list[dict]:
     """Generic prompt/completion data the tiny models can train on."""
     words = ["red", "blue", "green", "cold", "warm", "fast", "slow", "tall"]
     return [{"prompt": f"Q: what is item {i}?\nA:", "completion": f" {words[i % 8]} {words[(3 * i) % 8]}"} for i in range(n)]
+
+
+# --- Tiny random mixture-of-experts causal LMs (tests/test_moe.py) ------------------------------
+# Kept apart from TINY_CONFIGS: the tests iterating over those (e.g. analytic costs in test_bench)
+# count dense MLPs. 4 experts, 2 per token; fused 3D experts in transformers 5.
+_MOE = dict(num_experts_per_tok=2, intermediate_size=96)
+_MOE_CONFIGS = {
+    "mixtral": _config("MixtralConfig", num_local_experts=4, sliding_window=None, tie_word_embeddings=False, **_MOE),
+    # Layer 2 is a dense MLP (mlp_only_layers); the others have 4 experts and a shared expert.
+    "qwen2_moe": _config("Qwen2MoeConfig", num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                         decoder_sparse_step=1, mlp_only_layers=[2], tie_word_embeddings=False, **_MOE),
+    "qwen3_moe": _config("Qwen3MoeConfig", num_experts=4, moe_intermediate_size=32, head_dim=16,
+                         tie_word_embeddings=False, **_MOE),
+}
+MOE_CONFIGS = {arch: make for arch, make in _MOE_CONFIGS.items() if hasattr(transformers, make.class_name)}
+
+
+def make_tiny_moe(arch: str, seed: int = 0, num_layers: int = 8) -> transformers.PreTrainedModel:
+    """A tiny random float32 MoE causal LM of architecture ``arch`` (a MOE_CONFIGS key), in eval mode."""
+    config = MOE_CONFIGS[arch](num_layers)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

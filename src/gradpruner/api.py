@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, architectures, distributed, planning
+from . import __version__, architectures, distributed, experts, planning
 from .atomic import atomic_dir, check_output, read_json, write_json
 from .capture import IGIACallback
 from .costs import param_counts
@@ -91,7 +91,9 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     layer_params, total_params = layer_param_counts(base)
     prefix = architectures.decoder_layer_prefix(base)
     names = architectures.linear_module_names(base)
-    module_layer = {n: int(n[len(prefix) + 1:].split(".")[0]) for n in names}
+    params = experts.expert_parameter_names(base) if spec.fn is None else []  # fused MoE experts (IGIA)
+    experts.check_lora(params, adapter, lora_dropout, method)
+    module_layer = {n: int(n[len(prefix) + 1:].split(".")[0]) for n in names + params}
     meta = {
         "model": str(source), "model_spec": str(model), "task": task, "data": str(data) if data else None,
         "rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum,
@@ -114,7 +116,8 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
                               meta=meta)
             _train_lora(base, tok, features, names, cb, steps=steps, rank=rank, alpha=alpha, lr=lr,
                         batch_size=batch_size, grad_accum=grad_accum, seed=seed, dropout=lora_dropout,
-                        max_grad_norm=max_grad_norm, adapter=adapter, work_dir=tmp / ".trainer" if tmp else None)
+                        max_grad_norm=max_grad_norm, adapter=adapter, work_dir=tmp / ".trainer" if tmp else None,
+                        parameters=params)
             if tmp is None:
                 return None
             result = read_json(tmp / "scores.json", "Scores file")
@@ -162,8 +165,9 @@ def _score_flag_problems(adapter, calib_examples, rank, batch_size, grad_accum, 
 
 
 def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr, batch_size, grad_accum,
-                seed, dropout, max_grad_norm, work_dir, adapter="lora") -> None:
-    """Attach LoRA to every listed linear module and train ``steps`` optimizer steps with ``callback``."""
+                seed, dropout, max_grad_norm, work_dir, adapter="lora", parameters=None) -> None:
+    """Attach LoRA to every listed linear module (and fused expert parameter) and train ``steps``
+    optimizer steps with ``callback``."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -171,7 +175,7 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
 
     set_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
-                     task_type="CAUSAL_LM", use_dora=adapter == "dora")
+                     task_type="CAUSAL_LM", use_dora=adapter == "dora", target_parameters=parameters or None)
     model = get_peft_model(base, cfg)
     try:
         train_steps(model, tok, features, callback, steps=steps, batch_size=batch_size, grad_accum=grad_accum,

@@ -23,6 +23,10 @@ SUPPORTED: dict[str, str] = {
     "gemma2": _TESTED + " (alternating sliding/full layers, tied embeddings)",
     "gemma3_text": _TESTED + " (explicit mixed layer_types, per-type rotary embeddings, tied embeddings)",
     "phi3": _TESTED + " (fused qkv_proj and gate_up_proj)",
+    # Mixture of experts (tests/test_moe.py): fused 3D experts scored and merged per expert (experts.py).
+    "mixtral": _TESTED + "; experts scored (LoRA on parameters) and merged expert by expert, router kept",
+    "qwen2_moe": _TESTED + "; the same, shared expert merged like a dense MLP, dense mlp_only_layers",
+    "qwen3_moe": _TESTED + "; the same as mixtral",
 }
 
 # Top-level config lists that may happen to have num_hidden_layers entries but are not per layer.
@@ -88,7 +92,8 @@ def layer_linear_modules(model) -> dict[int, dict[str, torch.nn.Linear]]:
     """Layer index -> {name inside the layer, e.g. ``"self_attn.q_proj"``: nn.Linear}.
 
     Every ``nn.Linear`` in each decoder layer is listed, MoE experts included when they are
-    ``nn.Linear`` modules (fused expert tensors, as transformers 5 stores some MoE experts, are not).
+    ``nn.Linear`` modules (fused 3D expert tensors, as transformers 5 stores MoE experts, are not: see
+    ``experts.expert_params``).
     """
     _, _, layers = find_decoder_layers(model)
     return {

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from . import distributed, scoring
+from . import distributed, experts, scoring
 from .atomic import write_json
 from .errors import GradPrunerError
 
@@ -65,16 +65,23 @@ class FactorWriter:
             self.fd = None
 
 
-def lora_modules(model) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
-    """Base-model module name -> (lora_A linear, lora_B linear) for every LoRA-wrapped module."""
+def lora_modules(model, experts_out: dict[str, int] | None = None
+                 ) -> dict[str, tuple[torch.nn.Module, torch.nn.Module]]:
+    """Base-model module name -> (lora_A linear, lora_B linear) for every LoRA-wrapped module.
+
+    LoRA on a fused expert parameter is named after the parameter; ``experts_out`` (when given)
+    receives its number of experts (see ``experts.split_factors``)."""
     from peft.tuners.lora import LoraLayer
 
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and module.lora_A:
             adapter = module.active_adapters[0] if module.active_adapters else next(iter(module.lora_A))
-            base = distributed.module_name(name).removeprefix("base_model.model.")
+            base = experts.lora_base_name(distributed.module_name(name), module)
             found[base] = (module.lora_A[adapter], module.lora_B[adapter])
+            n_experts = experts.lora_experts(module)
+            if experts_out is not None and n_experts:
+                experts_out[base] = n_experts
     if not found:
         raise GradPrunerError("The model given to IGIACallback has no LoRA modules; wrap it with peft.get_peft_model first.")
     return found
@@ -102,7 +109,8 @@ class IGIACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         args.logging_nan_inf_filter = False  # the Trainer would log a NaN loss as the mean of earlier ones
         self.model = self.model or model
-        self.modules = lora_modules(self.model)
+        self.experts: dict[str, int] = {}
+        self.modules = lora_modules(self.model, self.experts)
         if self.module_layer is None:
             self.module_layer = {n: _layer_of(n) for n in self.modules}
         self.num_layers = self.num_layers or (max(self.module_layer.values()) + 1)
@@ -111,8 +119,11 @@ class IGIACallback(TrainerCallback):
         with distributed.gathered(model, self.backend, grads=False):
             shapes = {}
             for name, (a, b) in self.modules.items():
-                shapes[f"{name}.grad_A"] = distributed.full_shape(a.weight, self.backend)
-                shapes[f"{name}.grad_B"] = distributed.full_shape(b.weight, self.backend)
+                shape_a = distributed.full_shape(a.weight, self.backend)
+                shape_b = distributed.full_shape(b.weight, self.backend)
+                if name in self.experts:  # stored per expert: [E, r, in] and [E, out, r]
+                    shape_a, shape_b = experts.split_shapes(shape_a, shape_b, self.experts[name])
+                shapes[f"{name}.grad_A"], shapes[f"{name}.grad_B"] = shape_a, shape_b
         self.shapes = shapes
         if self.backend == distributed.DEEPSPEED and not distributed.call_before_step(
                 kwargs.get("optimizer"), lambda: self._capture(state, model)):
@@ -138,10 +149,12 @@ class IGIACallback(TrainerCallback):
         step = self.captured
         for name, (a, b) in self.modules.items():
             ga, gb = distributed.full_grad(a.weight, self.backend), distributed.full_grad(b.weight, self.backend)
+            if name in self.experts:  # peft's stacked factors -> [E, r, in] and [E, out, r]
+                ga, gb = experts.split_factors(ga, gb, self.experts[name])
             if ga is None or gb is None:
                 ga = _zeros(self.shapes[f"{name}.grad_A"], a.weight) if ga is None else ga
                 gb = _zeros(self.shapes[f"{name}.grad_B"], b.weight) if gb is None else gb
-            sq = float(scoring.step_sq_norms(gb, ga))
+            sq = float(scoring.step_sq_norms(gb, ga).sum())  # one value per expert for fused experts
             if not math.isfinite(sq) or not bool(torch.isfinite(ga).all() and torch.isfinite(gb).all()):
                 self._abort()
                 raise GradPrunerError(

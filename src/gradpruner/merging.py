@@ -293,13 +293,15 @@ def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "
     ``factors_path`` is the igia.safetensors of ``gradpruner score``; it may be None (and is never
     opened) when ``not needs_igia(rule)``. Full F_W matrices are built only for the module being
     merged and freed before the next one, so peak memory is the model plus a few module-sized
-    buffers. Returns per-module merge statistics.
+    buffers. Fused MoE experts merge expert e into expert e, one projection at a time, and gates
+    (routers) stay the target's own (``experts.merge_layers``). Returns per-module merge statistics.
     """
     from contextlib import nullcontext
 
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
+    from . import experts
     from .architectures import decoder_layer_prefix, layer_linear_modules
 
     igia = needs_igia(rule)
@@ -311,10 +313,11 @@ def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "
                               f"--method igia`; pass that igia.safetensors, or choose a rule that "
                               f"does not need them ({free}).")
     layers, prefix = layer_linear_modules(model), decoder_layer_prefix(model)
+    experts.expert_params(model)  # refuses fused experts of an unknown layout before anything changes
     by_target: dict[int, list[int]] = {}
     for src, dst in merge.items():
         by_target.setdefault(int(dst), []).append(int(src))
-    jobs = [(t, rel) for t in sorted(by_target) for rel in layers[t]]
+    jobs = [(t, rel) for t in sorted(by_target) for rel in layers[t] if not experts.is_gate(rel)]  # routers stay
     stats = {}
     with (safe_open(str(factors_path), "pt") if igia else nullcontext()) as f, torch.no_grad():
         keys = set(f.keys()) if igia else set()
@@ -327,10 +330,13 @@ def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "
         for t, rel in tqdm(jobs, desc="merging", unit="module"):
             dst = layers[t][rel]
             srcs = [s for s in sorted(by_target[t]) if rel in layers[s]]
+            if not srcs:  # e.g. a dense MoE layer merged into a sparse one: nothing to merge (as shards.py)
+                continue
             pairs = [(layers[s][rel].weight, igia_of(s, rel, TRIM[rule] == "igia")) for s in srcs]
             f_dst = igia_of(t, rel, rule == "fisher")
             new, st = merge_module(dst.weight, pairs, rule, density, f_dst)
             dst.weight.copy_(new)
             stats[f"{prefix}.{t}.{rel}"] = {"sources": [f"{prefix}.{s}.{rel}" for s in srcs], **st}
             del pairs, new, f_dst
+        stats.update(experts.merge_layers(model, by_target, f, keys, factors_path, rule, density))  # expert e -> e
     return stats

@@ -22,6 +22,7 @@ def step_sq_norms(grad_b: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
     """‖grad_B[i] @ grad_A[i]‖²_F for every step i via the r×r trace identity.
 
     grad_b: [T, out, r] (or [out, r]); grad_a: [T, r, in] (or [r, in]). Returns [T] (or a scalar), float64.
+    Leading batch dimensions pass through: per-expert factors [T, E, out, r], [T, E, r, in] give [T, E].
     """
     gb = grad_b.to(torch.float64)
     ga = grad_a.to(torch.float64)
@@ -34,10 +35,11 @@ def step_sq_norms(grad_b: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
 def igia_matrix(grad_b: torch.Tensor, grad_a: torch.Tensor) -> torch.Tensor:
     """F_W = (1/T) Σ_i (grad_B[i] @ grad_A[i])², the full out×in IGIA-Matrix (float32).
 
-    Built one step at a time so memory stays at two out×in buffers whatever T is.
+    Built one step at a time so memory stays at two out×in buffers whatever T is. Leading batch
+    dimensions pass through: per-expert factors [T, E, out, r] and [T, E, r, in] give [E, out, in].
     """
     steps = grad_b.shape[0]
-    acc = torch.zeros(grad_b.shape[1], grad_a.shape[2], dtype=torch.float32)
+    acc = torch.zeros(*grad_b.shape[1:-1], grad_a.shape[-1], dtype=torch.float32)
     for i in range(steps):
         g = grad_b[i].to(torch.float32) @ grad_a[i].to(torch.float32)
         acc.addcmul_(g, g)

@@ -94,7 +94,9 @@ def stream_problem(source, config, plan: dict) -> str | None:
     if not files:
         return f"{folder} holds no safetensors weights"
     try:
-        names = set(meta_model(config).state_dict())
+        from .experts import checkpoint_names
+
+        names = checkpoint_names(meta_model(config))  # with the per-expert names of MoE checkpoints
     except Exception as exc:  # noqa: BLE001 - any failure only means: load it the usual way
         return f"transformers cannot build it from its config alone ({type(exc).__name__})"
     unknown = sorted(set(files) - names)
@@ -164,25 +166,34 @@ def _shard_groups(pairs, reader: _Reader, max_bytes: int) -> list[list[tuple[str
     return groups
 
 
-def _merge_jobs(plan: dict, modules: dict[int, list[str]], prefix: str) -> dict[str, list[str]]:
-    """Input weight name of a kept module -> the input weight names merged into it."""
+def _merge_jobs(plan: dict, modules: dict[int, list[str]], prefix: str,
+                units: dict[int, dict] | None = None) -> dict[str, list[str]]:
+    """Input weight name of a kept module -> the input weight names merged into it. ``units`` are the
+    expert tensors of MoE layers (``experts.checkpoint_units``, full tensor names inside the layer);
+    gates (routers) are never merged."""
+    from .experts import is_gate
+
     jobs: dict[str, list[str]] = {}
     for src, dst in sorted(plan.get("merge", {}).items(), key=lambda kv: int(kv[0])):
         for rel in modules[int(dst)]:
-            if rel in modules[int(src)]:
+            if rel in modules[int(src)] and not is_gate(rel):
                 jobs.setdefault(f"{prefix}.{dst}.{rel}.weight", []).append(f"{prefix}.{src}.{rel}.weight")
+        for rel in (units or {}).get(int(dst), {}):
+            if rel in units.get(int(src), {}):
+                jobs.setdefault(f"{prefix}.{dst}.{rel}", []).append(f"{prefix}.{src}.{rel}")
     return jobs
 
 
 class _Merger:
     """The merged weight of a kept module, from the tensors and IGIA factors it needs alone."""
 
-    def __init__(self, jobs: dict[str, list[str]], factors, rule: str, density: float):
+    def __init__(self, jobs: dict[str, list[str]], factors, rule: str, density: float, experts=None):
         from safetensors import safe_open
 
         from .merging import TRIM, needs_igia
 
         self.jobs, self.factors, self.rule, self.density, self.stats = jobs, factors, rule, density, {}
+        self.experts = experts  # experts.StreamedExperts for MoE checkpoints, else None
         self.trim_igia, self.fisher = TRIM[rule] == "igia", rule == "fisher"
         self.file = safe_open(str(factors), "pt") if factors is not None and needs_igia(rule) else None
         self.keys = set(self.file.keys()) if self.file is not None else set()
@@ -198,6 +209,10 @@ class _Merger:
 
         if name not in self.jobs:
             return w
+        if self.experts is not None and self.experts.owns(name):
+            new, stats = self.experts.merge(name, w, self.jobs[name], read, self)
+            self.stats.update(stats)
+            return new
         pairs = [(read(s), s) for s in self.jobs[name]]
         pairs = [(ws, self._igia(s, ws, self.trim_igia)) for ws, s in pairs]
         new, st = merge_module(w, pairs, self.rule, self.density, self._igia(name, w, self.fisher))
@@ -255,15 +270,18 @@ def prune_streaming(source, config, plan: dict, out: Path, factors, density: flo
                     max_shard_bytes: int) -> dict:
     """Write the pruned checkpoint into the (empty, temporary) folder ``out``; return merge stats."""
     from .architectures import decoder_layer_prefix, layer_linear_modules, subset_config
+    from .experts import StreamedExperts
 
     folder = Path(str(source))
     skeleton = meta_model(config)
     prefix = decoder_layer_prefix(skeleton)
     modules = {i: sorted(mods) for i, mods in layer_linear_modules(skeleton).items()}
-    del skeleton
     files = tensor_files(folder)
+    moe = StreamedExperts(skeleton, files) if plan.get("merge") else None  # None: no merge, or no experts
+    moe = moe if moe is not None and moe.units else None
+    del skeleton
     reader = _Reader(files)
-    merger = _Merger(_merge_jobs(plan, modules, prefix), factors, rule, density)
+    merger = _Merger(_merge_jobs(plan, modules, prefix, moe.units if moe else None), factors, rule, density, moe)
     try:
         pairs = _out_names(files, _layer_of(prefix), prefix, plan["keep"])
         _write_shards(_shard_groups(pairs, reader, max_shard_bytes), reader, merger, out)
