@@ -5,6 +5,7 @@ accuracy on the test items at 12 and 9 of 30 layers removed per task, with the a
 fine-tune budget and wall time. Cells that did not run print "–".
 
     .venv/bin/python bench/issue8_table.py [results/issue8/final/table.json]
+    .venv/bin/python bench/issue8_table.py --full-ft   # LoRA vs full fine-tuning at 12/30 (ARC-Easy, PIQA)
 """
 from __future__ import annotations
 
@@ -41,5 +42,25 @@ def main(path: str = "results/issue8/final/table.json") -> None:
               f" | {fmt(avg['12'])} | {fmt(avg['9'])} | {mean(secs):.0f} |")
 
 
+def full_ft(lora_path: str = "results/issue8/final/table.json",
+            full_path: str = "results/issue8/full_ft/table.json") -> None:
+    """12 of 30 removed, the same layer choices recovered by 150 steps of LoRA or of full fine-tuning."""
+    tasks = TASKS[:2]
+    lora = {(r["method"], r["task"]): r for r in json.load(open(lora_path)) if str(r["removed"]) == "12"}
+    full = {(r["method"], r["task"]): r for r in json.load(open(full_path))}
+    head = ["method"] + [f"{NAMES[t]} {how}" for t in tasks for how in ("LoRA", "full FT")]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    dense = [(next(r["dense_ft"] for (m, t2), r in lora.items() if t2 == t),
+              next((r["dense_ft"] for (m, t2), r in full.items() if t2 == t), None)) for t in tasks]
+    print("| dense, fine-tuned | " + " | ".join(fmt(v) for pair in dense for v in pair) + " |")
+    for method, label in ROWS:
+        vals = [(lora.get((method, t), {}).get("pruned_ft"), full.get((method, t), {}).get("pruned_ft")) for t in tasks]
+        print(f"| {label} | " + " | ".join(fmt(v) for pair in vals for v in pair) + " |")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--full-ft"]:
+        full_ft(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])
