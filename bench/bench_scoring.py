@@ -63,7 +63,7 @@ def main():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     with tempfile.TemporaryDirectory() as tmp:
         cb = IGIACallback(tmp, steps=2 * (a.steps + 1) + 1, model=model)
-        cb.on_train_begin(None, SimpleNamespace(is_world_process_zero=True), None)
+        cb.on_train_begin(SimpleNamespace(logging_nan_inf_filter=True), SimpleNamespace(is_world_process_zero=True), None)
         times = {"plain": [], "capture": [], "capture_call": []}
         for i, batch in enumerate(batches):
             for kind in ("plain", "capture"):
