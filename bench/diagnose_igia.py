@@ -114,15 +114,15 @@ def skipped_run(model, batches, drop: set[int]) -> tuple[list, list[float]]:
     """Final (post-norm) hidden states and LM losses with ``drop`` layers skipped, weights untouched:
     without merging, this isolates what the choice of layers costs before any fine-tuning."""
     import torch
-    full, final = model.model.layers, []
-    model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(full) if i not in drop])
+
+    from gradpruner.architectures import only_layers
+    final = []
     hook = model.model.norm.register_forward_hook(lambda _m, _a, o: final.append(o.detach()))
     try:
-        with torch.no_grad():
+        with only_layers(model, [i for i in range(len(model.model.layers)) if i not in drop]), torch.no_grad():
             losses = [model(**b, use_cache=False).loss.item() for b in batches]
     finally:
         hook.remove()
-        model.model.layers = full
     return final, losses
 
 

@@ -24,16 +24,9 @@ VAL_OFFSET, VAL_LIMIT = 250, 320
 
 def skipped(model, drop):
     """Context: the model with ``drop`` layers left out of the forward pass (weights untouched)."""
-    class _Skip:
-        def __enter__(self):
-            self.full = model.model.layers
-            model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(self.full) if i not in drop])
-            model.config.num_hidden_layers = len(model.model.layers)
-
-        def __exit__(self, *exc):
-            model.model.layers = self.full
-            model.config.num_hidden_layers = len(self.full)
-    return _Skip()
+    from gradpruner.architectures import find_decoder_layers, only_layers
+    n = len(find_decoder_layers(model)[2])
+    return only_layers(model, [i for i in range(n) if i not in drop])
 
 
 def val_loss(model, tok, examples) -> float:

@@ -203,3 +203,27 @@ def test_full_grad_one_step_is_the_squared_dense_gradient(ctx):
     ctx.features, ctx.steps, ctx.batch_size = feats, 1, 4
     got = full_grad(ctx)
     assert got["layer_scores"] == pytest.approx(expect, rel=1e-4) and got["steps"] == 1
+
+
+def test_only_layers_runs_the_subset_and_puts_the_layers_back():
+    import copy
+
+    from gradpruner.architectures import find_decoder_layers, only_layers
+    from gradpruner.surgery import remove_layers
+    from helpers import make_tiny_model
+
+    model = make_tiny_model("llama")
+    ids = torch.tensor([[3, 7, 11, 2, 5]])
+    full = list(find_decoder_layers(model)[2])
+    pruned = remove_layers(copy.deepcopy(model), [0, 2, 5])
+    with only_layers(model, [0, 2, 5]), torch.no_grad():
+        skipped = model(ids, use_cache=False).logits
+    with torch.no_grad():
+        assert torch.allclose(skipped, pruned(ids, use_cache=False).logits, atol=1e-6)
+    assert list(find_decoder_layers(model)[2]) == full  # restored, same modules
+    try:
+        with only_layers(model, [1]):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert list(find_decoder_layers(model)[2]) == full

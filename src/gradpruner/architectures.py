@@ -7,6 +7,7 @@ decoder-only causal LMs are accepted when their layers can be found and look cau
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -81,6 +82,19 @@ def find_decoder_layers(model) -> tuple[torch.nn.Module, str, torch.nn.ModuleLis
     """(parent module, attribute name, ModuleList) holding the decoder layers of ``model``."""
     _, parent, attr, layers = _locate(model)
     return parent, attr, layers
+
+
+@contextlib.contextmanager
+def only_layers(model, keep):
+    """The model with only the decoder layers ``keep`` (indices, in order) in its forward pass, the
+    weights untouched; the full list is put back on exit. For measuring what removing layers costs
+    before removing them (selection methods, bench scripts); call with ``use_cache=False``."""
+    parent, attr, full = find_decoder_layers(model)
+    setattr(parent, attr, torch.nn.ModuleList([full[i] for i in keep]))
+    try:
+        yield model
+    finally:
+        setattr(parent, attr, full)
 
 
 def decoder_layer_prefix(model) -> str:

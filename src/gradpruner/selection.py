@@ -228,34 +228,25 @@ def full_grad(ctx: Context) -> dict:
 def removal_loss(ctx: Context) -> dict:
     """Shortened LLaMA's PPL criterion (Kim et al. 2024): remove each layer alone and measure the
     increase of the mean calibration loss; score = that increase (one forward pass per layer)."""
-    parent, attr, full = architectures.find_decoder_layers(ctx.model)
+    n = len(architectures.find_decoder_layers(ctx.model)[2])
     batches = ctx.batches()
     ctx.model.eval()
 
     def loss_without(j: int | None) -> float:
-        setattr(parent, attr, torch.nn.ModuleList([m for i, m in enumerate(full) if i != j]))
-        try:
-            with torch.no_grad():
-                return sum(float(ctx.model(**b, use_cache=False).loss) for b in batches) / len(batches)
-        finally:
-            setattr(parent, attr, full)
+        with architectures.only_layers(ctx.model, [i for i in range(n) if i != j]), torch.no_grad():
+            return sum(float(ctx.model(**b, use_cache=False).loss) for b in batches) / len(batches)
 
     base = loss_without(None)
-    scores = [loss_without(j) - base for j in tqdm(range(len(full)), desc="removal loss", unit="layer")]
+    scores = [loss_without(j) - base for j in tqdm(range(n), desc="removal loss", unit="layer")]
     return {"layer_scores": scores, "calib_loss": base}
 
 
 # --- LaCo ------------------------------------------------------------------------------------
 
-def _final_hidden(model, layers_attr, subset, batches) -> list[torch.Tensor]:
-    parent, attr, full = layers_attr
-    setattr(parent, attr, torch.nn.ModuleList(subset))
-    try:
-        with torch.no_grad():
-            return [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False,
-                          output_hidden_states=True).hidden_states[-1] for b in batches]
-    finally:
-        setattr(parent, attr, full)
+def _final_hidden(model, keep: list[int], batches) -> list[torch.Tensor]:
+    with architectures.only_layers(model, keep), torch.no_grad():
+        return [model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False,
+                      output_hidden_states=True).hidden_states[-1] for b in batches]
 
 
 def _similarity(a: list[torch.Tensor], b: list[torch.Tensor], batches) -> float:
@@ -286,12 +277,12 @@ def laco(ctx: Context) -> dict:
     group = int(ctx.options.get("laco_group", 4))
     threshold = float(ctx.options.get("laco_threshold", 0.65))
     lowest = int(ctx.options.get("laco_lowest", 1))
-    model, located = ctx.model, architectures.find_decoder_layers(ctx.model)
-    layers = list(located[2])
+    model = ctx.model
+    layers = list(architectures.find_decoder_layers(model)[2])
     linear = architectures.layer_linear_modules(model)
     batches = ctx.batches()
     model.eval()
-    reference = _final_hidden(model, located, layers, batches)
+    reference = _final_hidden(model, list(range(len(layers))), batches)
     removed: list[int] = []
     groups, trials = {}, []
     base = len(layers) - group
@@ -303,8 +294,8 @@ def laco(ctx: Context) -> dict:
         with torch.no_grad():
             for rel, m in linear[base].items():
                 m.weight.add_(sum(linear[s][rel].weight - saved[rel] for s in srcs))
-        keep = [layers[j] for j in range(len(layers)) if j not in removed and j not in srcs]
-        sim = _similarity(_final_hidden(model, located, keep, batches), reference, batches)
+        keep = [j for j in range(len(layers)) if j not in removed and j not in srcs]
+        sim = _similarity(_final_hidden(model, keep, batches), reference, batches)
         trials.append({"base": base, "sources": srcs, "similarity": sim, "accepted": sim > threshold})
         if sim > threshold:
             removed += srcs
