@@ -17,7 +17,7 @@ from . import __version__, architectures, distributed, experts, planning
 from .atomic import atomic_dir, check_output, read_json, write_json
 from .capture import IGIACallback
 from .costs import param_counts
-from .data import PadCollator, load_examples, tokenize
+from .data import load_examples, tokenize
 from .errors import Collect, GradPrunerError, lookup
 from .models import check_model, load_config, load_model, load_tokenizer, resolve_model
 from .reporting import plot_layer_scores

@@ -8,10 +8,8 @@ is captured (or training ends), it writes ``igia.safetensors`` and ``scores.json
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from pathlib import Path
 
 import torch
@@ -33,22 +31,17 @@ class FactorWriter:
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], steps: int, dtype=torch.float32, metadata=None):
         self.path, self.steps, self.dtype = Path(path), steps, dtype
+        from .shards import safetensors_preamble
+
         item = torch.empty((), dtype=dtype).element_size()
-        header, offset, self.slot = {}, 0, {}
-        for name in sorted(shapes):
-            shape = (steps, *shapes[name])
-            nbytes = math.prod(shape) * item
-            header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self.slot[name] = (offset, nbytes // steps)
-            offset += nbytes
-        if metadata:
-            header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data start to 8 bytes
-        self.data_start = 8 + len(blob)
+        entries = [(name, _DTYPES[dtype], (steps, *shapes[name]), math.prod((steps, *shapes[name])) * item)
+                   for name in sorted(shapes)]
+        preamble, offsets = safetensors_preamble(entries, metadata)
+        self.slot = {name: (begin, (end - begin) // steps) for name, (begin, end) in offsets.items()}
+        self.data_start = len(preamble)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.write(self.fd, struct.pack("<Q", len(blob)) + blob)
-        os.ftruncate(self.fd, self.data_start + offset)
+        os.write(self.fd, preamble)
+        os.ftruncate(self.fd, self.data_start + sum(e[3] for e in entries))
 
     def write(self, name: str, step: int, tensor: torch.Tensor) -> None:
         offset, step_bytes = self.slot[name]

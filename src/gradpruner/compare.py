@@ -29,8 +29,6 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
 from .atomic import atomic_file, write_json
 from .config import RunConfig, config_from_dict, read_yaml_mapping
 from .errors import Collect, GradPrunerError

@@ -224,22 +224,33 @@ class _Merger:
             self.file.__exit__(None, None, None)
 
 
+def safetensors_preamble(entries, metadata: dict | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """What opens a safetensors file holding ``entries`` = [(name, dtype, shape, nbytes), ...] in that
+    order: the 8-byte header length and the JSON header (padded so the data starts 8-byte aligned, as
+    safetensors writes it); and each name's (begin, end) offset in the data. Lets a writer stream the
+    data afterwards (sequentially or with pwrite) without holding the tensors."""
+    header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}} if metadata else {}
+    offsets, offset = {}, 0
+    for name, dtype, shape, nbytes in entries:
+        offsets[name] = (offset, offset + nbytes)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
 def _write_safetensors(path: Path, group, reader: _Reader, produce) -> None:
     """Write one safetensors file tensor by tensor: the header (names, dtypes, shapes, offsets) is
     known before any data, since pruning and merging keep every tensor's dtype and shape, so only
     the tensor being written is ever in memory. ``safe_open`` reads the result (tests check)."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for out_name, in_name in group:
-        dtype, shape = reader.specs[in_name]
-        header[out_name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + reader.nbytes(in_name)]}
-        offset += reader.nbytes(in_name)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    entries = [(o, *reader.specs[i], reader.nbytes(i)) for o, i in group]
+    preamble, offsets = safetensors_preamble(entries, {"format": "pt"})
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.write(preamble)
         for out_name, in_name in group:
             t = produce(in_name)
-            if list(t.shape) != header[out_name]["shape"] or t.numel() * t.element_size() != reader.nbytes(in_name):
+            if list(t.shape) != reader.specs[in_name][1] or t.numel() * t.element_size() != reader.nbytes(in_name):
                 raise RuntimeError(f"{in_name} changed shape or dtype while pruning")  # a bug, never the input
             f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
             del t
