@@ -189,3 +189,25 @@ def test_capture_under_deepspeed_reads_full_grads_inside_the_optimizer_step(fake
     fac = load_file(str(tmp_path / "s" / "igia.safetensors"))
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     torch.testing.assert_close(fac["model.layers.0.self_attn.q_proj.grad_B"][1], q.lora_B["default"].weight.grad)
+
+
+def test_full_grad_method_reads_gradients_through_the_accessor(monkeypatch, tiny_llama, qa_file):
+    """The full_grad scoring method under DeepSpeed: whole gradients through the accessor, read first
+    thing in the optimizer step (DeepSpeed's step runs before on_pre_optimizer_step); same scores as
+    the plain run. (A fake `deepspeed` module would confuse transformers' import checks here, so the
+    accessor itself is recorded instead; test_accessor_per_backend covers what it calls.)"""
+    from gradpruner.data import load_examples, tokenize
+    from gradpruner.models import load_model, load_tokenizer
+    from gradpruner.selection import Context, full_grad
+
+    def scores():
+        model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
+        feats = tokenize(load_examples(data=qa_file, split="train"), tok, max_length=64)
+        return full_grad(Context(model, tok, feats, seed=0, batch_size=4, steps=2, lr=1e-4))["layer_scores"]
+
+    plain = scores()
+    calls, real = [], distributed.full_grad
+    monkeypatch.setattr(distributed, "full_grad", lambda p, backend="plain": calls.append(backend) or real(p))
+    monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
+    assert scores() == pytest.approx(plain, rel=1e-6)
+    assert calls == ["deepspeed"] * (2 * 8 * 7)  # 2 steps x 8 layers x 7 linear modules, inside the step
