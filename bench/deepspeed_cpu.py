@@ -1,5 +1,5 @@
-"""DeepSpeed ZeRO-2 on CPU: `gradpruner score` on 2 DeepSpeed processes vs 1 DeepSpeed process vs a plain
-single process, on the test suite's tiny Llama; prints the tables of docs/scale.md.
+"""DeepSpeed ZeRO-2 and ZeRO-3 on CPU: `gradpruner score` on 2 DeepSpeed processes vs 1 DeepSpeed process
+vs a plain single process, on the test suite's tiny Llama; prints the table of docs/scale.md.
 
 DeepSpeed is not a gradpruner dependency. Install it beside the venv, without building its ops:
 
@@ -28,10 +28,11 @@ BIN = Path(sys.executable).parent
 FLAGS = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--seed", "0", "--max-length", "64"]
 
 
-def config(work: Path, procs: int, port: int) -> Path:
+def config(work: Path, procs: int, port: int, stage: int = 2) -> Path:
     text = (ROOT / "configs/accelerate/deepspeed_zero2_cpu.yaml").read_text()
     text = text.replace("num_processes: 2", f"num_processes: {procs}").replace("29533", str(port))
-    path = work / f"ds{procs}.yaml"
+    text = text.replace("zero_stage: 2", f"zero_stage: {stage}")
+    path = work / f"ds{stage}-{procs}.yaml"
     path.write_text(text)
     return path
 
@@ -64,13 +65,16 @@ def main() -> None:
     write_jsonl(work / "qa.jsonl", qa_rows())
     accelerate = str(BIN / "accelerate")
     plain = score(work, "plain", [])
-    ds1 = score(work, "ds1", [accelerate, "launch", "--config_file", str(config(work, 1, 29534))])
-    ds2 = score(work, "ds2", [accelerate, "launch", "--config_file", str(config(work, 2, 29533))])
+    launch = lambda procs, port, stage: [accelerate, "launch", "--config_file", str(config(work, procs, port, stage))]  # noqa: E731
+    ds1, ds2 = score(work, "ds1", launch(1, 29534, 2)), score(work, "ds2", launch(2, 29533, 2))
+    z1, z2 = score(work, "z3-1", launch(1, 29535, 3)), score(work, "z3-2", launch(2, 29536, 3))
     print(f"torch {torch.__version__}; work folder {work}")
     print("| compared | layer scores (max rel. diff.) | IGIA factors per step (max rel. diff.) |\n|---|---|---|")
     for label, a, b in (("ZeRO-2, 2 processes vs ZeRO-2, 1 process", ds1, ds2),
+                        ("ZeRO-3, 2 processes vs ZeRO-3, 1 process", z1, z2),
+                        ("ZeRO-3 vs ZeRO-2, 1 process", ds1, z1),
                         ("ZeRO-2, 1 process vs no DeepSpeed, 1 process", plain, ds1),
-                        ("ZeRO-2, 2 processes vs no DeepSpeed, 1 process", plain, ds2)):
+                        ("ZeRO-3, 2 processes vs no DeepSpeed, 1 process", plain, z2)):
         layer, steps = compare(a, b)
         print(f"| {label} | {layer:.2g} | {', '.join(f'{s:.2g}' for s in steps)} |")
 
