@@ -148,7 +148,8 @@ def run_grid(path: str | Path, extra: list[str] = (), echo=print, isolate: bool 
         eta = f", ETA ≈{sum(worked) / len(worked) * (len(cells) - i + 1) / 60:.0f} min" if worked else ""
         echo(f"[{i}/{len(cells)}] {Path(cfg.out).name} ({so_far / 60:.1f} min so far{eta})")
         t0, log = time.monotonic(), []
-        run(cfg, echo=lambda m: (log.append(m), echo(m)), isolate=isolate, store=store, reuse=reuse)
+        run(cfg, echo=lambda m: (log.append(m), echo(m)), isolate=isolate, store=store, reuse=reuse,
+            checked=True)  # _preflight above
         if any("→ " in m for m in log):
             worked.append(time.monotonic() - t0)
         write_table(out, cells)

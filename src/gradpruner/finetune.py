@@ -26,7 +26,7 @@ from . import architectures, distributed
 from .atomic import atomic_dir, check_output, read_json, write_json
 from .data import PadCollator, load_examples, tokenize
 from .errors import Collect, GradPrunerError, lookup
-from .models import check_model, load_config, load_model, load_tokenizer, resolve_model
+from .models import check_model, load_model, load_tokenizer, resolve_model
 from .surgery import save_model
 from .tasks import SPLIT_SEED
 
@@ -171,8 +171,7 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
         if cfg is not None:
             check(distributed.check_batch, cfg.batch_size, cfg.grad_accum)
         source = check(resolve_model, model)
-        if source is not None:
-            check(check_model, source, trust_remote_code, allow_pickle)
+        model_config = check(check_model, source, trust_remote_code, allow_pickle) if source is not None else None
         ckpt, replace = check(_check_locations, out, source, resume, overwrite) or (None, False)
         examples = check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
     main = distributed.is_main()  # with several processes only process 0 writes
@@ -183,7 +182,7 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
     run = {"config": dataclasses.asdict(cfg), "model": str(source), "task": task,
            "data": str(Path(data).resolve()) if data else None, "train_examples": len(features)}
     checkpoint = _resume_point(ckpt, run) if resume else None
-    save_dtype = getattr(load_config(source, trust_remote_code), "dtype", None)
+    save_dtype = getattr(model_config, "dtype", None)
     base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if main:
         ckpt.mkdir(parents=True, exist_ok=True)

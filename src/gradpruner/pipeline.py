@@ -282,8 +282,9 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | None = None,
-        reuse: list[str | Path] = ()) -> Path:
-    """Run every stage that is not up to date; return the report path.
+        reuse: list[str | Path] = (), checked: bool = False) -> Path:
+    """Run every stage that is not up to date; return the report path. ``checked``: the caller has
+    already run ``preflight(cfg)`` (``compare`` checks each distinct model and data source once).
 
     With ``isolate`` (the default) each stage runs in its own process, so the peak memory recorded
     for a stage is that stage's alone and memory does not accumulate across stages. With ``store``
@@ -293,7 +294,8 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
     """
     from .report import write_report
 
-    preflight(cfg)
+    if not checked:
+        preflight(cfg)
     r = Run(cfg, echo, isolate, store, reuse)
     d, at = r.dir, r.place
     with atomic_file(d / "config.yaml") as fh:
