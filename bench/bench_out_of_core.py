@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from gradpruner.models import resolve_model
+from gradpruner.models import resolve_model, tensor_files
 from gradpruner.shards import meta_model
 
 
@@ -100,14 +100,7 @@ def timed_prune(model: Path, plan: Path, out: Path, flag: str) -> dict:
 
 def tensors_equal(a: Path, b: Path) -> tuple[int, int]:
     """(tensors compared, tensors that differ), one tensor in memory at a time."""
-    def where(folder: Path) -> dict[str, Path]:
-        out = {}
-        for p in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(p), "pt") as f:
-                out.update({k: p for k in f.keys()})
-        return out
-
-    wa, wb = where(a), where(b)
+    wa, wb = tensor_files(a), tensor_files(b)
     differ = 0
     for name in wa:
         with safe_open(str(wa[name]), "pt") as fa, safe_open(str(wb[name]), "pt") as fb:

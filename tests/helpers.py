@@ -129,3 +129,14 @@ def make_tiny_moe(arch: str, seed: int = 0, num_layers: int = 8) -> transformers
     config = MOE_CONFIGS[arch](num_layers)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

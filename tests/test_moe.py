@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,19 +16,11 @@ from gradpruner.errors import GradPrunerError
 from gradpruner.merging import merge_layers, merge_module
 from gradpruner.shards import prune_streaming, stream_problem
 from gradpruner.surgery import remove_layers, save_model
-from helpers import MOE_CONFIGS, make_tiny_moe, make_tiny_tokenizer, qa_rows, write_jsonl
+from helpers import MOE_CONFIGS, folder_tensors, make_tiny_moe, make_tiny_tokenizer, qa_rows, write_jsonl
 
 ARCHS = sorted(MOE_CONFIGS)
 PLAN = {"num_layers": 8, "keep": [0, 1, 3, 4, 6], "drop": [2, 5, 7], "merge": {"2": 1, "5": 4, "7": 6}}
 PROMPT = torch.tensor([[1, 17, 42, 99, 250, 3, 77, 123, 5, 61, 200, 18]])
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -53,7 +44,7 @@ def test_moe_types_are_supported_and_have_layouts():
 def test_units_are_the_tensors_save_pretrained_writes(arch, tmp_path):
     model = make_tiny_moe(arch, num_layers=3)
     model.save_pretrained(str(tmp_path))
-    saved = _tensors(tmp_path)
+    saved = folder_tensors(tmp_path)
     assert set(saved) <= experts.checkpoint_names(model)
     prefix, n_units = "model.layers", 0
     for i, params in experts.expert_params(model).items():
@@ -177,7 +168,7 @@ def test_streamed_checkpoint_equals_the_in_memory_one(moe_run, tmp_path, rule):
                     out_of_core=False)
     out = api.prune(str(model_dir), dict(PLAN), tmp_path / "out", igia=igia, merge_rule=rule, density=0.3,
                     out_of_core=True)
-    a, b = _tensors(tmp_path / "ref"), _tensors(tmp_path / "out")
+    a, b = folder_tensors(tmp_path / "ref"), folder_tensors(tmp_path / "out")
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -206,7 +197,7 @@ def test_fused_checkpoint_streams_like_the_in_memory_path(tmp_path, moe_run):
     stats = prune_streaming(fused, model.config, PLAN, out, scores / "igia.safetensors", 0.3, "sign_sum", 10**9)
     merge_layers(model, PLAN["merge"], scores / "igia.safetensors", 0.3, "sign_sum")
     remove_layers(model, PLAN["keep"])
-    got = _tensors(out)
+    got = folder_tensors(out)
     for k, v in model.state_dict().items():
         assert torch.equal(got[k], v), k
     assert sum(1 for k in stats if ".experts." in k) == (2 if arch == "qwen2_moe" else 3) * 4 * 3

@@ -4,23 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gradpruner import api
 from gradpruner.errors import GradPrunerError
-from gradpruner.shards import parse_size, prune_streaming, stream_problem, tensor_files
-from helpers import make_tiny_model, make_tiny_tokenizer, save_tiny_model_dir
+from gradpruner.models import tensor_files
+from gradpruner.shards import parse_size, prune_streaming, stream_problem
+from helpers import folder_tensors, make_tiny_model, make_tiny_tokenizer, save_tiny_model_dir
 
 PLAN = {"num_layers": 8, "keep": [0, 1, 3, 4, 6], "drop": [2, 5, 7], "merge": {"2": 1, "5": 4, "7": 6}}
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def _sharded(path: Path, arch: str = "llama", dtype=torch.float32, shard: str = "20KB") -> Path:
@@ -48,7 +40,7 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, tiny_scores, rul
     assert (model_dir / "model.safetensors.index.json").is_file()  # the input is sharded
     igia = tiny_scores / "igia.safetensors"
     ref, out, stats = _in_memory_and_streamed(tmp_path, model_dir, rule, igia=igia)
-    a, b = _tensors(ref), _tensors(out)
+    a, b = folder_tensors(ref), folder_tensors(out)
     assert set(a) <= set(b) and set(b) - set(a) <= {"lm_head.weight"}  # save_pretrained drops the tied head
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -76,7 +68,7 @@ def test_streamed_checkpoint_loads_and_generates_like_the_in_memory_one(tmp_path
 def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
     model_dir = _sharded(tmp_path / "model", dtype=torch.bfloat16)
     ref, out, _ = _in_memory_and_streamed(tmp_path, model_dir, "ties")
-    a, b = _tensors(ref), _tensors(out)
+    a, b = folder_tensors(ref), folder_tensors(out)
     assert all(t.dtype == torch.bfloat16 for t in b.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -86,7 +78,7 @@ def test_other_architectures_stream_with_their_layer_types(tmp_path, arch):
     model_dir = _sharded(tmp_path / "model", arch=arch)
     ref, out, _ = _in_memory_and_streamed(tmp_path, model_dir, "none")
     assert json.loads((out / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
-    a, b = _tensors(ref), _tensors(out)
+    a, b = folder_tensors(ref), folder_tensors(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -135,7 +127,7 @@ def test_prune_streams_by_default_and_says_so(tmp_path, tiny_scores):
     assert main(["prune", "--model", str(model_dir), "--plan", str(plan), "--out", str(tmp_path / "b"),
                  "--in-memory"]) == 0
     assert json.loads((tmp_path / "b" / "gradpruner.json").read_text())["out_of_core"] is False
-    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    a, b = folder_tensors(tmp_path / "a"), folder_tensors(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 

@@ -260,13 +260,13 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
     (``gradpruner.shards``; output shards of at most ``max_shard_size``), False loads it, None (the
     default) streams whenever the input allows it (a local safetensors folder with the model's own
     tensor names, no hidden-size pruning). Both write the same tensors."""
-    from .merging import MERGE_RULES, needs_igia
+    from .merging import MERGE_RULES, check_density, needs_igia
     from .shards import parse_size
     from .surgery import save_model
 
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         check(lookup, MERGE_RULES, merge_rule, "merge rule")
-        check(_check_density, density)
+        check(check_density, density)
         shard_bytes = check(parse_size, max_shard_size)
         source = check(resolve_model, model)
         raw_plan = plan if isinstance(plan, dict) else check(_read_plan, plan)
@@ -333,10 +333,6 @@ def _read_plan(path) -> dict:
                               "keep and drop; fix it or make it with `gradpruner plan`.")
     return data
 
-
-def _check_density(density) -> None:
-    if not (isinstance(density, (int, float)) and not isinstance(density, bool) and 0 < density <= 1):
-        raise GradPrunerError(f"--density {density} is outside (0, 1]; use e.g. 0.2 (keep 20% of each merged module's entries).")
 
 
 def _factor_path(the_plan: dict, igia, plan_arg) -> Path:

@@ -80,7 +80,7 @@ def lora_modules(model, experts_out: dict[str, int] | None = None
     return found
 
 
-class IGIACallback(TrainerCallback):
+class IGIACallback(distributed.GradientReader, TrainerCallback):
     """Record the first ``steps`` optimizer steps' LoRA gradients; write igia.safetensors + scores.json.
 
     Use it in your own ``Trainer`` (or TRL trainer) to score layers during your real fine-tuning run:
@@ -108,7 +108,7 @@ class IGIACallback(TrainerCallback):
             self.module_layer = {n: _layer_of(n) for n in self.modules}
         self.num_layers = self.num_layers or (max(self.module_layer.values()) + 1)
         self.is_main = state.is_world_process_zero  # only process 0 writes; all capture (collectives)
-        self.backend = distributed.grad_backend(args)
+        self.start_reading(args, model, kwargs.get("optimizer"))
         with distributed.gathered(model, self.backend, grads=False):
             shapes = {}
             for name, (a, b) in self.modules.items():
@@ -118,27 +118,16 @@ class IGIACallback(TrainerCallback):
                     shape_a, shape_b = experts.split_shapes(shape_a, shape_b, self.experts[name])
                 shapes[f"{name}.grad_A"], shapes[f"{name}.grad_B"] = shape_a, shape_b
         self.shapes = shapes
-        if self.backend == distributed.DEEPSPEED and not distributed.call_before_step(
-                kwargs.get("optimizer"), lambda: self._capture(state, model)):
-            raise GradPrunerError("IGIACallback cannot reach DeepSpeed's optimizer step to read the gradients; "
-                                  "run without DeepSpeed (DDP or FSDP) or report this setup.")
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.partial = self.out_dir / ".igia.safetensors.partial"
             self.writer = FactorWriter(self.partial, shapes, self.steps, self.factor_dtype)
         self.norms = {n: [] for n in self.modules}
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if self.backend != distributed.DEEPSPEED:  # DeepSpeed steps earlier; see on_train_begin
-            self._capture(state, model)
+    def reading(self) -> bool:  # distributed.GradientReader calls read() once per optimizer step
+        return not self.done
 
-    def _capture(self, state, model) -> None:
-        if self.done:
-            return
-        with distributed.gathered(model, self.backend):
-            self._capture_step()
-
-    def _capture_step(self) -> None:
+    def read(self) -> None:
         step = self.captured
         for name, (a, b) in self.modules.items():
             ga, gb = distributed.full_grad(a.weight, self.backend), distributed.full_grad(b.weight, self.backend)

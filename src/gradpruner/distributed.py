@@ -197,6 +197,37 @@ def call_before_step(optimizer, fn) -> bool:
     return True
 
 
+class GradientReader:
+    """Mixin for a ``TrainerCallback`` whose ``read()`` runs once per optimizer step while the whole
+    averaged gradients exist: at ``on_pre_optimizer_step``, or under DeepSpeed (whose step runs
+    earlier, inside the backward) first thing in its optimizer step; under FSDP1 inside ``gathered``.
+    A subclass calls ``start_reading`` from its ``on_train_begin`` and defines ``read`` (and
+    ``reading``, False to skip a step without entering ``gathered``)."""
+
+    backend, grad_model = PLAIN, None
+
+    def start_reading(self, args, model, optimizer) -> None:
+        self.backend, self.grad_model = grad_backend(args), model
+        if self.backend == DEEPSPEED and not call_before_step(optimizer, self._read):
+            raise GradPrunerError(f"{type(self).__name__} cannot reach DeepSpeed's optimizer step to read the "
+                                  "gradients; run without DeepSpeed (DDP or FSDP) or report this setup.")
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.backend != DEEPSPEED:  # DeepSpeed has stepped already; see start_reading
+            self._read()
+
+    def reading(self) -> bool:
+        return True
+
+    def read(self) -> None:
+        raise NotImplementedError
+
+    def _read(self) -> None:
+        if self.reading():
+            with gathered(self.grad_model, self.backend):
+                self.read()
+
+
 def module_name(name: str) -> str:
     """A module name without the wrappers FSDP and activation checkpointing insert."""
     for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):

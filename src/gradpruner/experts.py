@@ -178,12 +178,12 @@ def merge_layers(model, by_target: dict[int, list[int]], f, keys, path, rule: st
     for t in sorted(by_target):
         for rel, dst in per_layer[t].items():
             srcs = [s for s in sorted(by_target[t]) if rel in per_layer[s]]
-            for unit, e, rows in blocks(mt, rel, dst.shape) if srcs else ():
-                shape = tuple(dst[e, rows].shape)
-                pairs = [(per_layer[s][rel][e, rows], (s, rel, e, rows, shape)) for s in srcs]
-                new, st = merge_expert_block(dst[e, rows], pairs, rule, density, igia, (t, rel, e, rows, shape))
-                dst.data[e, rows] = new
-                stats[f"{prefix}.{t}.{unit}"] = {"sources": [f"{prefix}.{s}.{unit}" for s in srcs], **st}
+            if not srcs:
+                continue
+            _, per_unit = merge_fused(dst.data, [(per_layer[s][rel], (s, rel)) for s in srcs], rule, density, igia,
+                                      (t, rel), mt, out=dst.data)  # in place, unit by unit
+            stats.update({f"{prefix}.{t}.{u}": {"sources": [f"{prefix}.{s}.{u}" for s in srcs], **st}
+                          for u, st in per_unit.items()})
     return stats
 
 
@@ -228,10 +228,12 @@ def checkpoint_units(model, files) -> dict[int, dict[str, tuple]]:
     return out
 
 
-def merge_fused(w_dst, srcs, rule: str, density: float, igia, dst_loc, model_type: str):
-    """A whole fused [E, out, in] tensor, unit by unit, as ``merge_layers`` does in memory.
-    ``srcs = [(W_src, (layer, rel))]``; ``dst_loc = (layer, rel)``; returns (new tensor, per-unit stats)."""
-    new, stats = w_dst.clone(), {}
+def merge_fused(w_dst, srcs, rule: str, density: float, igia, dst_loc, model_type: str, out=None):
+    """A whole fused [E, out, in] tensor, unit by unit (both prune paths).
+    ``srcs = [(W_src, (layer, rel))]``; ``dst_loc = (layer, rel)``; returns (new tensor, per-unit stats).
+    ``out``: the tensor to write into (``w_dst`` itself merges in place: each unit reads only its own
+    rows before writing them); default a copy of ``w_dst``."""
+    new, stats = (w_dst.clone() if out is None else out), {}
     rel = dst_loc[1]
     for unit, e, rows in blocks(model_type, rel, w_dst.shape):
         shape = tuple(w_dst[e, rows].shape)

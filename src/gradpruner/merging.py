@@ -40,7 +40,7 @@ from .errors import GradPrunerError, lookup
 MergeSource = tuple[Tensor, "Tensor | None"]  # (Ŵ_src already trimmed, F_src or None)
 
 
-def _check_density(density) -> None:
+def check_density(density) -> None:
     if (not isinstance(density, numbers.Real) or isinstance(density, bool)
             or not 0 < density <= 1):
         raise GradPrunerError(f"--density must be in (0, 1] (got {density!r}); the paper keeps 0.2.")
@@ -61,7 +61,7 @@ def sparsify(w_src: Tensor, f_src: Tensor, density: float, *,
     entries equal to it in flattened (row-major) order, lowest index first, until there are k.
     ``what`` names the score in error messages.
     """
-    _check_density(density)
+    check_density(density)
     if w_src.shape != f_src.shape:
         raise GradPrunerError(f"Weight shape {tuple(w_src.shape)} and IGIA shape "
                               f"{tuple(f_src.shape)} differ; both must come from the same module.")
@@ -230,7 +230,7 @@ def merge_module(w_dst: Tensor, srcs: list[tuple[Tensor, Tensor | None]], rule: 
     fn = lookup(MERGE_RULES, rule, "merge rule")
     trim = TRIM[rule]
     if trim is not None:
-        _check_density(density)
+        check_density(density)
     shape = tuple(w_dst.shape)
     for i, (w_src, f_src) in enumerate(srcs):
         if f_src is None and trim == "igia":
@@ -306,7 +306,7 @@ def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "
 
     igia = needs_igia(rule)
     if TRIM[rule] is not None:
-        _check_density(density)
+        check_density(density)
     if igia and factors_path is None:
         free = ", ".join(r for r in MERGE_RULES if not needs_igia(r))
         raise GradPrunerError(f"The merge rule {rule!r} needs the IGIA factors of `gradpruner score "

@@ -165,33 +165,44 @@ def _is_causal_lm(config, trust_remote_code: bool) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or custom
 
 
-def _check_weights(folder: Path, allow_pickle: bool) -> None:
-    """Safe weights that open (headers complete, files as long as they say), or one clear error."""
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file of ``folder`` that holds it: from the index when there is
+    one (every file it lists must exist), else from each file's header. Every safetensors file must
+    open (header complete, file as long as it says), or one clear error."""
     from safetensors import SafetensorError, safe_open
 
-    files = sorted(folder.glob("*.safetensors"))
-    if not allow_pickle and not files and any(folder.glob("*.bin")):
+    index, out = folder / "model.safetensors.index.json", {}
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = set(weight_map.values())
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise GradPrunerError(f"Weight index {index} is not a valid safetensors index; copy the model again.") from None
+        missing = sorted(map(str, (s for s in shards if not isinstance(s, str) or not (folder / s).is_file())))
+        if missing:
+            raise GradPrunerError(f"Model folder {folder} lacks the weight file(s) {', '.join(missing[:3])} "
+                                  f"its index lists; copy the model again.")
+        out = {k: folder / v for k, v in weight_map.items()}
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as handle:
+                names = handle.keys()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise GradPrunerError(f"Weight file {f} cannot be read ({_first_line(exc)}); it is truncated or corrupt, "
+                                  "copy or save the model again.") from None
+        if not index.is_file():
+            out.update({k: f for k in names})
+    return out
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    """Safe weights that open, or one clear error."""
+    if not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
         raise GradPrunerError(
             f"Model folder {folder} holds only pickled .bin weights, which can run code when loaded; "
             "convert it to safetensors or pass --allow-pickle if you trust it."
         )
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            raise GradPrunerError(f"Weight index {index} is not a valid safetensors index; copy the model again.") from None
-        missing = sorted(s for s in shards if not isinstance(s, str) or not (folder / s).is_file())
-        if missing:
-            raise GradPrunerError(f"Model folder {folder} lacks the weight file(s) {', '.join(map(str, missing[:3]))} "
-                                  f"its index lists; copy the model again.")
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as handle:
-                handle.keys()
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise GradPrunerError(f"Weight file {f} cannot be read ({_first_line(exc)}); it is truncated or corrupt, "
-                                  "copy or save the model again.") from None
+    tensor_files(folder)
 
 
 def check_model(source: Path | str, trust_remote_code: bool = False, allow_pickle: bool = False):

@@ -210,25 +210,17 @@ def full_grad(ctx: Context) -> dict:
     linear = architectures.layer_linear_modules(ctx.model)
     per_step: list[list[float]] = []
 
-    class Capture(TrainerCallback):
+    class Capture(distributed.GradientReader, TrainerCallback):
         """Whole averaged gradients through ``distributed``'s accessor (DDP, FSDP, DeepSpeed alike)."""
-        backend, model = distributed.PLAIN, None
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.backend, self.model = distributed.grad_backend(args), model
-            if self.backend == distributed.DEEPSPEED:  # its step runs before on_pre_optimizer_step
-                distributed.call_before_step(kwargs.get("optimizer"), self.record)
+            self.start_reading(args, model, kwargs.get("optimizer"))
 
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            if self.backend != distributed.DEEPSPEED:
-                self.record()
-
-        def record(self) -> None:
+        def read(self) -> None:
             row = [0.0] * len(linear)
-            with distributed.gathered(self.model, self.backend):
-                for j, mods in linear.items():
-                    grads = [distributed.full_grad(m.weight, self.backend) for m in mods.values()]
-                    row[j] = float(sum(g.double().pow(2).sum() for g in grads if g is not None))
+            for j, mods in linear.items():
+                grads = [distributed.full_grad(m.weight, self.backend) for m in mods.values()]
+                row[j] = float(sum(g.double().pow(2).sum() for g in grads if g is not None))
             if not all(math.isfinite(v) for v in row):
                 from .errors import GradPrunerError
                 raise GradPrunerError(f"Non-finite gradient at full_grad step {len(per_step) + 1}; lower --lr.")

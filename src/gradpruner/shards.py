@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import GradPrunerError
+from .models import tensor_files
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -50,29 +51,6 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise GradPrunerError(f"--max-shard-size {size!r} must be positive; write e.g. 2GB.")
     return value
-
-
-def tensor_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file that holds it (the index when there is one)."""
-    from safetensors import SafetensorError, safe_open
-
-    index = folder / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GradPrunerError(f"Checkpoint index {index} is not a valid safetensors index ({exc}); "
-                                  "re-save the model.") from None
-        return {k: folder / v for k, v in weight_map.items()}
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt") as f:
-                out.update({k: path for k in f.keys()})
-        except (SafetensorError, OSError) as exc:
-            raise GradPrunerError(f"Weights file {path} cannot be read ({exc}); the file may be truncated, "
-                                  "re-download or re-save the model.") from None
-    return out
 
 
 def meta_model(config):
