@@ -15,12 +15,12 @@ import time
 
 import torch
 
-from gradpruner.data import load_task_rows
-from gradpruner.evaluation import _eval_converter
-from gradpruner.mc_scoring import score_choices
-from gradpruner.metrics import acc, acc_norm
-from gradpruner.models import load_model, load_tokenizer, resolve_model
-from gradpruner.tasks import TASKS
+from gradpruner.data.examples import load_task_rows
+from gradpruner.data.tasks import TASKS
+from gradpruner.evaluation.evaluate import _eval_converter
+from gradpruner.evaluation.loglik import score_choices
+from gradpruner.evaluation.metrics import acc, acc_norm
+from gradpruner.models.loading import load_model, load_tokenizer, resolve_model
 
 
 def main() -> None:

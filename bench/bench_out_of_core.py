@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from gradpruner.models import resolve_model, tensor_files
-from gradpruner.shards import meta_model
+from gradpruner.models.loading import resolve_model, tensor_files
+from gradpruner.pruning.streamed import meta_model
 
 
 def make_checkpoint(folder: Path, layers: int, shard_bytes: int = 500 * 10**6) -> int:

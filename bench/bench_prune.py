@@ -18,10 +18,11 @@ CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import torch
-from gradpruner import api, architectures
-from gradpruner.merging import merge_layers
-from gradpruner.models import load_model, load_tokenizer, resolve_model
-from gradpruner.surgery import remove_layers, save_model
+from gradpruner import api
+from gradpruner.models import architectures
+from gradpruner.pruning.merging import merge_layers
+from gradpruner.models.loading import load_model, load_tokenizer, resolve_model, save_model
+from gradpruner.pruning.surgery import remove_layers
 mode, model, plan_path, out = sys.argv[1:5]
 res = {"import_s": time.perf_counter() - t0}
 if mode == "full":
@@ -50,7 +51,7 @@ def main():
     ap.add_argument("--merge", type=int, default=3)
     a = ap.parse_args()
     from gradpruner import api
-    from gradpruner.models import resolve_model
+    from gradpruner.models.loading import resolve_model
 
     src = resolve_model(a.model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import torch
 from peft import LoraConfig, get_peft_model
 
-from gradpruner import architectures
-from gradpruner.capture import IGIACallback
-from gradpruner.data import PadCollator, load_examples, tokenize
-from gradpruner.models import load_model, load_tokenizer, resolve_model
+from gradpruner.data.examples import PadCollator, load_examples, tokenize
+from gradpruner.models import architectures
+from gradpruner.models.loading import load_model, load_tokenizer, resolve_model
+from gradpruner.scoring.capture import IGIACallback
 
 LLAMA31_8B = dict(hidden=4096, kv=1024, inter=14336, layers=32, params=8.03e9)
 

@@ -13,16 +13,24 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, architectures, distributed, experts, planning
-from .atomic import atomic_dir, check_output, read_json, write_json
-from .capture import IGIACallback
-from .costs import param_counts
-from .data import load_examples, tokenize
-from .errors import Collect, GradPrunerError, lookup
-from .models import check_model, load_config, load_model, load_tokenizer, resolve_model
-from .reporting import plot_layer_scores
-from .scoring import SCORE_RULES
-from .tasks import SPLIT_SEED
+from gradpruner import __version__
+
+from gradpruner.models import architectures
+
+from gradpruner.util import distributed
+
+from gradpruner.pruning import experts
+
+from gradpruner.planning import plans as planning
+from gradpruner.util.atomic import atomic_dir, check_output, read_json, write_json
+from gradpruner.scoring.capture import IGIACallback
+from gradpruner.measure.costs import param_counts
+from gradpruner.data.examples import load_examples, tokenize
+from gradpruner.errors import Collect, GradPrunerError, lookup
+from gradpruner.models.loading import check_model, load_config, load_model, load_tokenizer, resolve_model
+from gradpruner.report.plots import plot_layer_scores
+from gradpruner.scoring.igia import SCORE_RULES
+from gradpruner.data.tasks import SPLIT_SEED
 
 log = logging.getLogger(__name__)
 MIN_STEPS = 2          # the first step carries no signal (LoRA B starts at zero)
@@ -72,8 +80,8 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     ``selection.METHODS`` use ``calib_examples`` task examples (or none); ``target`` is the number of
     layers to remove, which only LaCo needs.
     """
-    from .selection import METHODS, Context
-    from .variants import VARIANTS, statistics, variant_scores
+    from gradpruner.scoring.methods import METHODS, Context
+    from gradpruner.scoring.variants import VARIANTS, statistics, variant_scores
 
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         spec = check(lookup, METHODS, method, "scoring method")
@@ -171,7 +179,7 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    from .selection import train_steps
+    from gradpruner.scoring.methods import train_steps
 
     set_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
@@ -229,7 +237,7 @@ def _read_scores(scores) -> dict:
 
 def _hidden_plan(scores, data: dict, layer_plan: dict) -> dict:
     """Keep every layer; drop residual-stream dimensions worth the layer plan's parameters."""
-    from . import width
+    from gradpruner.pruning import width
 
     factors = Path(scores).with_name("igia.safetensors")
     if not factors.is_file() or not layer_plan.get("params"):
@@ -257,12 +265,12 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
     """Merge, remove layers and save a standard checkpoint to ``out`` (GUIDE §1.6–1.7).
 
     ``out_of_core``: True streams the checkpoint shard by shard without loading the model
-    (``gradpruner.shards``; output shards of at most ``max_shard_size``), False loads it, None (the
+    (``gradpruner.pruning.streamed``; output shards of at most ``max_shard_size``), False loads it, None (the
     default) streams whenever the input allows it (a local safetensors folder with the model's own
     tensor names, no hidden-size pruning). Both write the same tensors."""
-    from .merging import MERGE_RULES, check_density, needs_igia
-    from .shards import parse_size
-    from .surgery import save_model
+    from gradpruner.pruning.merging import MERGE_RULES, check_density, needs_igia
+    from gradpruner.pruning.streamed import parse_size
+    from gradpruner.pruning.surgery import save_model
 
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         check(lookup, MERGE_RULES, merge_rule, "merge rule")
@@ -283,7 +291,7 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
     meta = {"plan": the_plan, "density": density, "merge_rule": merge_rule, "source": str(source),
             "igia": str(factors) if factors else None, "out_of_core": stream, "versions": _versions()}
     if stream:
-        from .shards import prune_streaming
+        from gradpruner.pruning.streamed import prune_streaming
 
         with atomic_dir(out, overwrite=overwrite) as tmp:
             meta["merge_stats"] = prune_streaming(source, config, the_plan, tmp, factors, density, merge_rule,
@@ -298,7 +306,7 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
 
 
 def _choose_streaming(out_of_core: bool | None, source, config, the_plan: dict) -> bool:
-    from .shards import stream_problem
+    from gradpruner.pruning.streamed import stream_problem
 
     if out_of_core is False:
         return False
@@ -311,8 +319,8 @@ def _choose_streaming(out_of_core: bool | None, source, config, the_plan: dict) 
 
 def _prune_in_memory(source, config, the_plan: dict, factors, density: float, merge_rule: str,
                      trust_remote_code: bool, allow_pickle: bool):
-    from .merging import merge_layers
-    from .surgery import remove_layers
+    from gradpruner.pruning.merging import merge_layers
+    from gradpruner.pruning.surgery import remove_layers
 
     model_obj = load_model(source, dtype=getattr(config, "dtype", None) or torch.float32,
                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
@@ -320,7 +328,7 @@ def _prune_in_memory(source, config, the_plan: dict, factors, density: float, me
     stats = merge_layers(model_obj, the_plan["merge"], factors, density, merge_rule) if the_plan["merge"] else {}
     remove_layers(model_obj, the_plan["keep"])
     if the_plan.get("hidden") is not None:
-        from .width import prune_width, validate_width
+        from gradpruner.pruning.width import prune_width, validate_width
 
         prune_width(model_obj, validate_width(the_plan["hidden"], model_obj.config))
     return model_obj, tok, stats

@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import GradPrunerError
+from gradpruner.errors import GradPrunerError
 
 
 def _add_model(p, required=True):
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
-    from . import api
+    from gradpruner import api
 
     if args.command == "score":
         res = api.score(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir,
@@ -184,14 +184,14 @@ def _run(args) -> int:
                         max_length=args.max_length, seed=args.seed, lora_dropout=args.lora_dropout,
                         max_grad_norm=args.max_grad_norm, overwrite=args.overwrite,
                         trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
-        from .reporting import score_bars
+        from gradpruner.report.plots import score_bars
 
         print(score_bars(res["layer_scores"]))
         if "informative_steps" in res:
             print(f"{res['steps']} steps ({res['informative_steps']} informative: step 1 has no signal since LoRA B starts at 0)")
         print(f"method {res['method']}; wrote {args.out}")
     elif args.command == "plan":
-        from .planning import plan_summary
+        from gradpruner.planning.plans import plan_summary
 
         res = api.plan(args.scores, args.out, prune=args.prune, target_params=args.target_params, merge=args.merge,
                        rule=args.rule, granularity=args.granularity, protect_last=args.protect_last,
@@ -204,7 +204,7 @@ def _run(args) -> int:
                   out_of_core=args.out_of_core, max_shard_size=args.max_shard_size)
         print(f"wrote {args.out}")
     elif args.command == "finetune":
-        from .finetune import FinetuneConfig, finetune
+        from gradpruner.finetuning.finetune import FinetuneConfig, finetune
 
         cfg = FinetuneConfig(mode=args.mode, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                              batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
@@ -217,7 +217,7 @@ def _run(args) -> int:
         print(f"wrote {args.out} ({rec['optimizer_steps']} optimizer steps, {rec['wall_seconds']:.0f} s, "
               f"final loss {rec['final_loss']:.4f})")
     elif args.command == "eval":
-        from .evaluation import evaluate
+        from gradpruner.evaluation.evaluate import evaluate
 
         res = evaluate(args.model, task=args.task, data=args.data, data_dir=args.data_dir, limit=args.limit,
                        offset=args.offset, metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -228,12 +228,12 @@ def _run(args) -> int:
         print(f"{res['task'] or res['data']}: {res['metric']} = {res['value']:.4f} on {res['n']} items; {extra}"
               + (f"; wrote {args.out}" if args.out else ""))
     elif args.command == "run":
-        from .config import load_config
-        from .pipeline import run
+        from gradpruner.pipeline.config import load_config
+        from gradpruner.pipeline.run import run
 
         run(load_config(args.config, args.overrides))
     elif args.command == "compare":
-        from .compare import load_grid, run_grid, write_table
+        from gradpruner.pipeline.compare import load_grid, run_grid, write_table
 
         if args.table_only:
             out, cells = load_grid(args.config, args.overrides)
@@ -244,11 +244,11 @@ def _run(args) -> int:
         else:
             print(f"wrote {run_grid(args.config, args.overrides)}")
     elif args.command == "sensitivity":
-        from .sensitivity import format_curve, sensitivity
+        from gradpruner.scoring.sensitivity import format_curve, sensitivity
 
         print(format_curve(sensitivity(args.scores, args.k, args.reference, args.which, args.out)))
     elif args.command == "bench":
-        from .bench import PARTS, bench_models, format_table
+        from gradpruner.measure.bench import PARTS, bench_models, format_table
 
         res = bench_models(args.model, args.pruned, seqs=args.seq, batches=args.batch, reps=args.reps,
                            warmup=args.warmup, new_tokens=args.new_tokens, train_batch=args.train_batch,
@@ -260,18 +260,18 @@ def _run(args) -> int:
         if args.out:
             print(f"wrote {args.out}")
     elif args.command == "report":
-        from .report import write_report
+        from gradpruner.report.run_report import write_report
 
         print(f"wrote {write_report(args.run_dir)}")
     elif args.command == "demo":
-        from .demo import run_demo
+        from gradpruner.pipeline.demo import run_demo
 
         run_demo(args)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .distributed import is_main
+    from gradpruner.util.distributed import is_main
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_error(exc: BaseException) -> str | None:
     """The message for an error that is the user's input or machine, not a bug; None for anything else."""
-    from .errors import disk_full
+    from gradpruner.errors import disk_full
 
     if isinstance(exc, GradPrunerError):
         return str(exc)

@@ -1,0 +1,1 @@
+"""Task data: the built-in tasks (formats, splits), generic JSONL, tokenisation with completion-only loss."""

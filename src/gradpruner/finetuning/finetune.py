@@ -1,0 +1,381 @@
+"""Fine-tune a (pruned) model on a task: LoRA merged into the weights, or every parameter.
+
+Training runs through ``transformers.Trainer`` (AdamW, accelerate underneath). Checkpoints go to the
+sibling folder ``<out>.checkpoints`` so an interrupted run can continue with ``resume=True`` and end
+with the same weights as an uninterrupted one; the final model is written atomically to ``out`` as a
+plain ``save_pretrained`` folder (LoRA merged, no adapter files) with ``finetune.json`` beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from gradpruner.models import architectures
+
+from gradpruner.util import distributed
+from gradpruner.util.atomic import atomic_dir, check_output, read_json, write_json
+from gradpruner.data.examples import PadCollator, load_examples, tokenize
+from gradpruner.errors import Collect, GradPrunerError, lookup
+from gradpruner.models.loading import check_model, load_model, load_tokenizer, resolve_model
+from gradpruner.pruning.surgery import save_model
+from gradpruner.data.tasks import SPLIT_SEED
+
+log = logging.getLogger(__name__)
+
+MODES = {"lora": "LoRA on every decoder-layer linear, merged into the weights after training",
+         "full": "every parameter trained"}
+# The paper uses AdamW at 1e-5 for both modes. LoRA trains a small low-rank update that starts at
+# zero and needs a much larger step to move in the same number of steps, hence 2e-4 (the usual LoRA lr).
+DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+RUN_FILE = "finetune_run.json"  # in the checkpoints folder: what the checkpoints were made with
+_NO_EFFECT = ("save_steps", "logging_steps")  # may change between a run and its resumption
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning settings. ``batch_size`` is examples per optimizer step (split over ``grad_accum``)."""
+
+    mode: str = "lora"                 # "lora" or "full"
+    lr: float | None = None            # None: DEFAULT_LR[mode]
+    epochs: float = 3.0                # the paper's 3 epochs
+    max_steps: int | None = None       # optimizer steps; overrides epochs when set
+    batch_size: int = 8                # the paper uses 64; 8 fits small GPUs, raise it (or grad_accum)
+    grad_accum: int = 1
+    max_length: int = 512
+    rank: int = 8                      # LoRA only
+    alpha: float = 32                  # LoRA only
+    lora_dropout: float = 0.05         # LoRA only
+    warmup_ratio: float = 0.03         # fraction of the optimizer steps with linear warmup
+    lr_scheduler: str = "cosine"       # decays to 0 at the end, the common choice for short fine-tuning runs
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0         # 0 turns clipping off
+    seed: int = 0                      # LoRA init, dropout and data order
+    save_steps: int = 50               # checkpoint every N optimizer steps (and at the end)
+    logging_steps: int = 10            # a loss point every N optimizer steps
+    limit: int | None = None           # train on the first K examples only
+    bf16: bool | None = None           # None: bf16 autocast on a GPU that supports it, off on CPU
+    distill_from: str | None = None    # teacher model: add its logits to the loss (see distill.py)
+    distill_alpha: float = 0.5         # weight of the distillation term
+    distill_temperature: float = 1.0
+
+    def resolved(self) -> FinetuneConfig:
+        return dataclasses.replace(self, lr=DEFAULT_LR[self.mode] if self.lr is None else self.lr)
+
+
+def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
+    """``cfg`` with the lr filled in, or one GradPrunerError listing every bad setting."""
+    lookup(MODES, cfg.mode, "fine-tuning mode")
+    if cfg.lr_scheduler not in SCHEDULERS:
+        lookup(dict.fromkeys(SCHEDULERS), cfg.lr_scheduler, "learning-rate scheduler")
+    cfg = cfg.resolved()
+    checks = [
+        ("--lr", cfg.lr, _positive(cfg.lr), "e.g. 2e-4 for LoRA or 1e-5 for full"),
+        ("--epochs", cfg.epochs, _positive(cfg.epochs), "e.g. 3"),
+        ("--max-steps", cfg.max_steps, cfg.max_steps is None or _count(cfg.max_steps), "a whole number ≥ 1"),
+        ("--batch-size", cfg.batch_size, _count(cfg.batch_size), "a whole number ≥ 1"),
+        ("--grad-accum", cfg.grad_accum, _count(cfg.grad_accum) and _count(cfg.batch_size)
+         and cfg.batch_size % cfg.grad_accum == 0, "a whole number ≥ 1 that divides --batch-size"),
+        ("--max-length", cfg.max_length, _count(cfg.max_length), "e.g. 512"),
+        ("--rank", cfg.rank, _count(cfg.rank), "e.g. 8"),
+        ("--alpha", cfg.alpha, _positive(cfg.alpha), "e.g. 32"),
+        ("--lora-dropout", cfg.lora_dropout, _fraction(cfg.lora_dropout), "a value in [0, 1), e.g. 0.05"),
+        ("--warmup-ratio", cfg.warmup_ratio, _fraction(cfg.warmup_ratio), "a value in [0, 1), e.g. 0.03"),
+        ("--weight-decay", cfg.weight_decay, _non_negative(cfg.weight_decay), "a value ≥ 0"),
+        ("--max-grad-norm", cfg.max_grad_norm, _non_negative(cfg.max_grad_norm), "a value ≥ 0 (0 = no clipping)"),
+        ("--seed", cfg.seed, isinstance(cfg.seed, int) and cfg.seed >= 0, "a whole number ≥ 0"),
+        ("--save-steps", cfg.save_steps, _count(cfg.save_steps), "a whole number ≥ 1"),
+        ("--logging-steps", cfg.logging_steps, _count(cfg.logging_steps), "a whole number ≥ 1"),
+        ("--limit", cfg.limit, cfg.limit is None or _count(cfg.limit), "a whole number ≥ 1"),
+        ("bf16", cfg.bf16, cfg.bf16 in (None, True, False), "True, False or None (automatic)"),
+        ("--distill-alpha", cfg.distill_alpha, _number(cfg.distill_alpha) and 0 <= cfg.distill_alpha <= 1, "a value in [0, 1]"),
+        ("--distill-temperature", cfg.distill_temperature, _positive(cfg.distill_temperature), "a value > 0, e.g. 1 or 2"),
+    ]
+    problems = [f"{flag} {value!r} is invalid; use {hint}." for flag, value, ok, hint in checks if not ok]
+    if problems:
+        raise GradPrunerError(*problems)
+    return cfg
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _positive(x) -> bool:
+    return _number(x) and x > 0
+
+
+def _non_negative(x) -> bool:
+    return _number(x) and x >= 0
+
+
+def _fraction(x) -> bool:
+    return _number(x) and 0 <= x < 1
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where the checkpoints of a run writing ``out`` live: the sibling ``<out>.checkpoints``."""
+    out = Path(out)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _step_of(checkpoint: Path) -> int:
+    tail = checkpoint.name.split("-")[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def _complete(checkpoint: Path) -> bool:
+    """Whether the Trainer finished writing ``checkpoint``: its state, written last, is whole JSON."""
+    try:
+        return isinstance(json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def last_checkpoint(ckpt: Path) -> Path | None:
+    """The ``checkpoint-<step>`` folder with the highest step that was completely written (a run
+    killed while saving one leaves it without a whole trainer state; the one before is used)."""
+    found = [p for p in ckpt.glob("checkpoint-*") if _step_of(p) >= 0 and _complete(p)] if ckpt.is_dir() else []
+    return max(found, key=_step_of, default=None)
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def finetune(model: str | Path, out: str | Path, task: str | None = None, data: str | Path | None = None,
+             data_dir: str | Path | None = None, config: FinetuneConfig | None = None, resume: bool = False,
+             overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
+             allow_pickle: bool = False, callbacks: tuple = ()) -> dict:
+    """Fine-tune ``model`` on ``task`` or a JSONL ``data`` file and save it to ``out``; returns finetune.json.
+
+    ``resume`` continues from the last checkpoint in ``<out>.checkpoints`` (it starts fresh, saying so,
+    when there is none). ``callbacks`` are extra ``TrainerCallback`` objects.
+    """
+    start = time.monotonic()
+    out = Path(out)
+    with Collect() as check:  # every problem with the inputs, in one message, before any work
+        cfg = check(validate_config, config or FinetuneConfig())
+        if cfg is not None:
+            check(distributed.check_batch, cfg.batch_size, cfg.grad_accum)
+        source = check(resolve_model, model)
+        model_config = check(check_model, source, trust_remote_code, allow_pickle) if source is not None else None
+        ckpt, replace = check(_check_locations, out, source, resume, overwrite) or (None, False)
+        examples = check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
+    main = distributed.is_main()  # with several processes only process 0 writes
+    if ckpt.exists() and not resume and main:  # only now that every input is fine: discard what --overwrite replaces
+        shutil.rmtree(ckpt)
+    tok = load_tokenizer(source, trust_remote_code)
+    features = tokenize(examples[: cfg.limit], tok, max_length=cfg.max_length)
+    run = {"config": dataclasses.asdict(cfg), "model": str(source), "task": task,
+           "data": str(Path(data).resolve()) if data else None, "train_examples": len(features)}
+    checkpoint = _resume_point(ckpt, run) if resume else None
+    save_dtype = getattr(model_config, "dtype", None)
+    base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    if main:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        write_json(ckpt / RUN_FILE, run)
+    try:
+        trained, trainer = _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks,
+                                  reload=lambda: load_model(source, trust_remote_code=trust_remote_code,
+                                                            allow_pickle=allow_pickle))
+    except BaseException:
+        if main and last_checkpoint(ckpt) is None:  # nothing to resume from: leave nothing behind
+            shutil.rmtree(ckpt, ignore_errors=True)
+        raise
+    record = _record(run, model, trainer, checkpoint, start)
+
+    def save() -> dict:
+        model = trained
+        if isinstance(save_dtype, torch.dtype) and save_dtype.is_floating_point and save_dtype != torch.float32:
+            model = model.to(save_dtype)  # trained in float32, saved in the source's precision
+        with atomic_dir(out, overwrite=replace) as tmp:
+            save_model(model, tok, tmp, extra_files={"finetune.json": record})
+        shutil.rmtree(ckpt, ignore_errors=True)
+        return record
+
+    # process 0 saves once every process is done (the last checkpoint included); all return its record
+    return distributed.on_main(save, wait=True)
+
+
+def _check_locations(out: Path, source, resume: bool, overwrite: bool) -> tuple[Path, bool]:
+    """(checkpoints folder, whether ``out`` may be replaced), after checking both locations; nothing
+    is removed here."""
+    ckpt = checkpoint_dir(out)
+    saved = last_checkpoint(ckpt) is not None
+    # With resume, an existing out is replaced when checkpoints exist: a run that wrote out but was
+    # stopped before it removed its checkpoints.
+    replace = overwrite or (resume and saved)
+    check_output(out, replace, inputs=(source if isinstance(source, Path) else None,))
+    if ckpt.exists() and not resume and saved and not overwrite:
+        raise GradPrunerError(f"Checkpoints of an earlier run exist at {ckpt}; pass --resume to continue "
+                              "that run or --overwrite to discard them and start afresh.")
+    return ckpt, replace
+
+
+def _resume_point(ckpt: Path, run: dict) -> Path | None:
+    """The checkpoint to resume from, after checking it was made with the same settings."""
+    checkpoint = last_checkpoint(ckpt)
+    if checkpoint is None:
+        log.warning("No checkpoint found in %s; starting the fine-tuning run from the beginning.", ckpt)
+        return None
+    saved = read_json(ckpt / RUN_FILE, "Checkpoint run file")
+    differ = [k for k in sorted(set(run) | set(saved)) if k != "config" and run.get(k) != saved.get(k)]
+    old, new = saved.get("config", {}), run["config"]
+    differ += [f"--{k.replace('_', '-')}" for k in sorted(set(old) | set(new))
+               if k not in _NO_EFFECT and old.get(k) != new.get(k)]
+    if differ:
+        raise GradPrunerError(f"The checkpoints in {ckpt} were made with a different {', '.join(differ)}; "
+                              "resume with the same settings, or drop --resume and pass --overwrite to start afresh.")
+    log.info("Resuming from %s.", checkpoint)
+    return checkpoint
+
+
+def _peft_model(base, cfg: FinetuneConfig):
+    from peft import LoraConfig, get_peft_model
+
+    names = architectures.linear_module_names(base)
+    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=names,
+                      bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(base, lora)
+
+
+def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
+    from transformers import TrainingArguments
+
+    cuda = torch.cuda.is_available()
+    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    return TrainingArguments(
+        output_dir=str(ckpt), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=distributed.per_device_batch(cfg.batch_size, cfg.grad_accum),
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch", bf16=bf16,
+        logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed,
+        report_to=[], remove_unused_columns=False, use_cpu=not cuda, dataloader_num_workers=0,
+        dataloader_pin_memory=cuda, disable_tqdm=not progress,
+    )
+
+
+def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks, reload=None):
+    """(trained plain model, trainer) after training from scratch or from ``checkpoint``; under FSDP
+    or DeepSpeed the model is whole on process 0 only (None elsewhere), rebuilt from ``reload()``."""
+    from transformers import PrinterCallback, Trainer, set_seed
+
+    set_seed(cfg.seed)
+    model = _peft_model(base, cfg) if cfg.mode == "lora" else base
+    guard = StopOnNonFinite(cfg.lr, out, ckpt)
+    extra, cls = {}, Trainer
+    if cfg.distill_from:
+        from gradpruner.finetuning.distill import DistillTrainer
+
+        cls = DistillTrainer
+        extra = {"teacher": load_model(resolve_model(cfg.distill_from)), "alpha": cfg.distill_alpha,
+                 "temperature": cfg.distill_temperature}
+    trainer = cls(model=model, args=_training_args(cfg, ckpt, progress), train_dataset=features,
+                  data_collator=PadCollator(tok.pad_token_id), callbacks=[guard, *callbacks], **extra)
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when the bars are off
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    model = _whole(trainer, model, cfg, reload)
+    if model is None:
+        return None, trainer
+    trained = model.merge_and_unload() if cfg.mode == "lora" else model
+    return trained.eval(), trainer
+
+
+def _whole(trainer, model, cfg, reload):
+    """``model`` itself for one process or DDP; under FSDP or DeepSpeed (sharded weights) the gathered
+    state dict loaded into a fresh copy on process 0, None on the others."""
+    if distributed.grad_backend(trainer.args) == distributed.PLAIN or reload is None:
+        return model
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective: every process
+    if not distributed.is_main():
+        return None
+    fresh = _peft_model(reload(), cfg) if cfg.mode == "lora" else reload()
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    if unexpected or any("lm_head" not in k for k in missing):
+        raise GradPrunerError(f"The gathered weights do not fit the model ({len(missing)} missing, {len(unexpected)} "
+                              "unexpected); with DeepSpeed ZeRO-3 set stage3_gather_16bit_weights_on_model_save.")
+    return fresh
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stops training with a GradPrunerError at the first non-finite gradient or logged loss."""
+
+    def __init__(self, lr: float, out: Path, ckpt: Path):
+        self.lr, self.out, self.ckpt = lr, out, ckpt
+
+    def _error(self, what: str, step: int) -> GradPrunerError:
+        saved = last_checkpoint(self.ckpt)
+        kept = f"; the checkpoints up to {saved.name} stay in {self.ckpt}" if saved else ""
+        return GradPrunerError(
+            f"Non-finite {what} at optimizer step {step}; lower the learning rate (--lr, now {self.lr:g}) "
+            f"or check the data. Nothing was written to {self.out}{kept}."
+        )
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        bad = any(not bool(torch.isfinite(g).all()) for g in grads)
+        if distributed.any_process(bad):  # FSDP shards: one process may hold the bad entries
+            raise self._error("gradients", state.global_step + 1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise self._error("training loss", state.global_step)
+
+
+# --- the record -------------------------------------------------------------------------------
+
+def _record(run: dict, model_spec, trainer, checkpoint, start: float) -> dict:
+    from gradpruner.api import _versions
+
+    history = trainer.state.log_history
+    curve = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
+              "grad_norm": e.get("grad_norm")} for e in history if "loss" in e]
+    return {**run, "model_spec": str(model_spec), "optimizer_steps": trainer.state.global_step,
+            "epochs_done": trainer.state.epoch, "resumed_from": str(checkpoint) if checkpoint else None,
+            "device": trainer.args.device.type, "bf16_autocast": trainer.args.bf16,
+            "train_loss": _mean_loss(curve, _step_of(checkpoint) if checkpoint else 0),
+            "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
+            "wall_seconds": round(time.monotonic() - start, 3), **_peak_memory(), "versions": _versions()}
+
+
+def _mean_loss(curve: list[dict], resumed_at: int) -> float | None:
+    """Mean loss over the optimizer steps the logged points cover, resumed parts included.
+
+    Each point is the mean since the previous one, or since the resumption step for the first point
+    after it (steps between the last log and the checkpoint were never logged). Trainer's own
+    train_loss covers only the last ``train()`` call, so it is wrong after a resumption.
+    """
+    prev, total, covered = 0, 0.0, 0
+    for p in curve:
+        start = resumed_at if prev < resumed_at < p["step"] else prev
+        total, covered, prev = total + p["loss"] * (p["step"] - start), covered + p["step"] - start, p["step"]
+    return total / covered if covered else None
+
+
+def _peak_memory() -> dict:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
+    if torch.cuda.is_available():
+        peak["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak

@@ -1,0 +1,1 @@
+"""What pruning buys: parameters, FLOPs, latency and memory, measured side by side."""

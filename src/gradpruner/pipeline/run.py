@@ -1,0 +1,322 @@
+"""``gradpruner run``: dense fine-tune → score → plan → prune → fine-tune → evaluate → report.
+
+Every stage writes its files into the run folder and a record ``stages/<name>.json`` holding a key
+(a hash of the config that stage depends on, chained through the stages it reads from), its wall
+time and peak memory. A stage whose record and outputs exist with the same key is skipped, so a
+rerun resumes where an interrupted run stopped and a changed key reruns exactly what it affects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from gradpruner import api
+from gradpruner.util.atomic import atomic_file, read_json, write_json
+from gradpruner.pipeline.config import RunConfig, dump_config
+from gradpruner.measure.costs import flops_per_token, latency, measure, param_counts
+from gradpruner.data.tasks import SPLIT_SEED
+from gradpruner.scoring.variants import needs_target
+
+log = logging.getLogger(__name__)
+EVALS = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Config keys added after stage keys were first published: keyed only when set away from their
+# default, so finished stages of earlier run folders (and of earlier versions) stay valid.
+LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "laco_group": 4, "laco_threshold": 0.65},
+         "plan": {"granularity": "layer", "protect_last": 0, "max_block": None},
+         "finetune": {"distill": None, "distill_alpha": 0.5, "distill_temperature": 1.0}}
+DISTILL_KEYS = ("distill", "distill_alpha", "distill_temperature")  # pruned fine-tune only
+
+
+def _section(name: str, obj) -> dict:
+    d = {k: v for k, v in asdict(obj).items() if LATER.get(name, {}).get(k, object()) != v}
+    if name == "plan" and d.get("rule") is None:
+        d["rule"] = "igia"  # None = the method's own scores; for IGIA (the only method before) that is "igia"
+    return d
+
+
+class Run:
+    """The run folder, its stage records and the chain of stage keys."""
+
+    def __init__(self, cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | None = None,
+                 reuse: list[str | Path] = ()):
+        self.cfg, self.echo, self.isolate = cfg, echo, isolate
+        self.store = Path(store) if store is not None else None
+        self.reuse = [Path(p) for p in reuse]
+        self.dir = Path(cfg.out)
+        self.stages_dir = self.dir / "stages"
+        self.stages_dir.mkdir(parents=True, exist_ok=True)
+        data = {"model": cfg.model, "task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data,
+                "data_dir": cfg.data_dir, "seed": cfg.seed}
+        self.keys = {"data": _key(data)}
+        # LaCo's scores depend on how many layers it must collapse
+        laco = [cfg.plan.prune, "laco-2"] if cfg.score.method == "laco" else []
+        if needs_target(cfg.score.method):  # a guarded variant's pool depends on how many layers go
+            laco = [cfg.plan.prune, "pool"]
+        self.keys["score"] = _key(self.keys["data"], _section("score", cfg.score), *laco)
+        self.keys["plan"] = _key(self.keys["score"], _section("plan", cfg.plan))
+        self.keys["prune"] = _key(self.keys["plan"], _section("prune", cfg.prune))
+        ft = {k: v for k, v in _section("finetune", cfg.finetune).items() if k != "dense_baseline"}
+        self.keys["dense_ft"] = _key(self.keys["data"], {k: v for k, v in ft.items() if k not in DISTILL_KEYS})
+        teacher = [self.keys["dense_ft"]] if cfg.finetune.distill == "dense_ft" else []
+        self.keys["pruned_ft"] = _key(self.keys["prune"], ft, *teacher)
+        ev = asdict(cfg.eval)
+        for name, upstream in (("dense_zero_shot", "data"), ("dense_ft", "dense_ft"), ("pruned", "prune"),
+                               ("pruned_ft", "pruned_ft")):
+            offset = [ev["offset"]] if ev["offset"] else []  # 0 leaves earlier keys unchanged
+            self.keys[f"eval_{name}"] = _key(self.keys[upstream], ev["limit"], ev["encoder"], "eval", *offset)
+
+    def place(self, stage: str, rel: str) -> Path:
+        """Where ``stage`` writes ``rel``: the run folder, or with a store (``gradpruner compare``) a
+        folder named by the stage's key that every run with the same key shares; the run folder then
+        holds a symlink to it."""
+        if self.store is None:
+            return self.dir / rel
+        return self.store / f"{stage}-{self.keys[stage]}" / rel
+
+    def record(self, stage: str) -> Path:
+        if self.store is None:
+            return self.stages_dir / f"{stage}.json"
+        return self.store / f"{stage}-{self.keys[stage]}.json"
+
+    def _link(self, stage: str, rels: list[str]) -> None:
+        """Make the run folder show a stored stage's outputs and record (no-op without a store)."""
+        if self.store is None:
+            return
+        for rel in rels:
+            target, here = self.place(stage, rel), self.dir / rel
+            if not target.exists():
+                continue
+            here.parent.mkdir(parents=True, exist_ok=True)
+            if here.is_symlink() or here.is_file():
+                here.unlink()
+            elif here.is_dir():
+                shutil.rmtree(here)
+            here.symlink_to(os.path.relpath(target, here.parent))
+        write_json(self.stages_dir / f"{stage}.json", read_json(self.record(stage), "Stage record"))
+
+    def _adopt(self, stage: str, rels: list[str]) -> bool:
+        """Take a finished stage with the same key from an earlier run folder (``reuse``) into the store."""
+        for folder in self.reuse if self.store is not None else ():
+            rec = folder / "stages" / f"{stage}.json"
+            try:
+                data = json.loads(rec.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if data.get("key") != self.keys[stage] or not (folder / rels[0]).exists():
+                continue
+            for rel in rels:
+                if (folder / rel).exists():
+                    dest = self.place(stage, rel)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    if not dest.exists():  # relative, so a copy of the whole results tree still resolves
+                        dest.symlink_to(os.path.relpath((folder / rel).resolve(), dest.parent.resolve()))
+            write_json(self.record(stage), data)
+            self.echo(f"  ✓ {stage}: reused from {folder}")
+            return True
+        return False
+
+    def done(self, stage: str, outputs: list[Path]) -> bool:
+        rec = self.record(stage)
+        if not rec.is_file() or not all(p.exists() for p in outputs):
+            return False
+        try:
+            return json.loads(rec.read_text()).get("key") == self.keys[stage]
+        except (json.JSONDecodeError, OSError):
+            return False
+
+    def stage(self, stage: str, rels: list[str], fn, *args, **kwargs):
+        """Run ``fn`` unless the stage is done; record its key, usage and result.
+
+        ``rels`` are the stage's outputs relative to the run folder; the first must exist for the
+        stage to count as done. ``fn``'s arguments name the paths from ``place``."""
+        if self.done(stage, [self.place(stage, rels[0])]) or self._adopt(stage, rels):
+            self.echo(f"  ✓ {stage}: up to date, skipped" + (" (shared)" if self.store else ""))
+            self._link(stage, rels)
+            return read_json(self.record(stage), "Stage record").get("result")
+        self.echo(f"  → {stage}")
+        started = self.record(stage).with_suffix(".started.json")
+        fresh = not started.is_file() or json.loads(started.read_text()).get("key") != self.keys[stage]
+        write_json(started, {"key": self.keys[stage]})
+        if self.isolate:
+            result, usage = _in_child(fn, args, {**kwargs, "fresh": fresh}, self.stages_dir / f".{stage}.result.json")
+        else:
+            with measure() as u:
+                result = fn(*args, fresh=fresh, **kwargs)
+            usage = u.as_dict()
+        write_json(self.record(stage), {"key": self.keys[stage], "usage": usage, "result": result})
+        started.unlink(missing_ok=True)
+        self._link(stage, rels)
+        self.echo(f"    {stage}: {usage['seconds']:.0f} s, peak RSS {usage['peak_rss_mb']:.0f} MiB")
+        return result
+
+
+def _child_main(fn, args, kwargs, result_path: str) -> None:
+    """Run one stage in a fresh process, so its peak memory is its own and nothing lingers."""
+    import resource
+
+    from gradpruner.errors import GradPrunerError
+
+    try:
+        with measure() as u:
+            result = fn(*args, **kwargs)
+        usage = u.as_dict()
+        usage["peak_rss_mb"] = round(max(usage["peak_rss_mb"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), 1)
+        write_json(result_path, {"result": result, "usage": usage})
+    except GradPrunerError as exc:
+        write_json(result_path, {"error": exc.problems})
+
+
+def _in_child(fn, args, kwargs, result_path: Path):
+    import multiprocessing
+
+    from gradpruner.errors import GradPrunerError
+
+    result_path.unlink(missing_ok=True)
+    proc = multiprocessing.get_context("spawn").Process(target=_child_main, args=(fn, args, kwargs, str(result_path)))
+    proc.start()
+    try:
+        proc.join()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.join()
+        raise
+    if not result_path.is_file():
+        raise GradPrunerError(f"Stage process stopped with exit code {proc.exitcode} before finishing; "
+                              "see the messages above, then rerun (finished stages are kept).")
+    out = json.loads(result_path.read_text())
+    result_path.unlink()
+    if "error" in out:
+        raise GradPrunerError(*out["error"])
+    return out["result"], out["usage"]
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+def _data_args(cfg: RunConfig) -> dict:
+    return {"task": cfg.task, "data": cfg.data, "data_dir": cfg.data_dir}
+
+
+def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool, teacher: str | None = None) -> dict:
+    from gradpruner.finetuning.finetune import FinetuneConfig, finetune
+
+    names = {f.name for f in fields(FinetuneConfig)}
+    ft = FinetuneConfig(**{k: v for k, v in asdict(cfg.finetune).items() if k in names}, seed=cfg.seed)
+    if teacher is not None:
+        ft.distill_from = teacher
+        ft.distill_alpha, ft.distill_temperature = cfg.finetune.distill_alpha, cfg.finetune.distill_temperature
+    if fresh:  # checkpoints from another config must not be resumed
+        shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
+    rec = finetune(model, out, **_data_args(cfg), config=ft, resume=not fresh, overwrite=True)
+    write_json(out.with_name(f"{out.name}_finetune.json"), rec)  # the loss curve, kept beside the checkpoint
+    return {k: rec.get(k) for k in ("optimizer_steps", "train_examples", "wall_seconds", "peak_rss_mib", "final_loss")}
+
+
+def _score(cfg: RunConfig, out: Path, fresh: bool) -> dict:
+    s = cfg.score
+    res = api.score(cfg.model, out, **_data_args(cfg), method=s.method, steps=s.steps, rank=s.rank, alpha=s.alpha,
+                    lr=s.lr, batch_size=s.batch_size, grad_accum=s.grad_accum, max_length=s.max_length,
+                    seed=cfg.seed, adapter=s.adapter, calib_examples=s.calib_examples, target=cfg.plan.prune,
+                    options={"laco_group": s.laco_group, "laco_threshold": s.laco_threshold}, overwrite=True)
+    return {"method": s.method, "steps": res["steps"], "informative_steps": res.get("informative_steps")}
+
+
+def _plan(cfg: RunConfig, scores: Path, out: Path, fresh: bool) -> dict:
+    p = cfg.plan
+    res = api.plan(scores, out, prune=p.prune, target_params=p.target_params, merge=p.merge, rule=p.rule,
+                   granularity=p.granularity, protect_last=p.protect_last, max_block=p.max_block, overwrite=True)
+    return {"keep": res["keep"], "drop": res["drop"], "merge": res["merge"]}
+
+
+def _prune(cfg: RunConfig, plan: Path, out: Path, fresh: bool) -> dict:
+    api.prune(cfg.model, plan, out, density=cfg.prune.density, merge_rule=cfg.prune.merge_rule, overwrite=True)
+    return {"out": str(out)}
+
+
+def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
+    from gradpruner.evaluation.evaluate import evaluate
+    from gradpruner.models.loading import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model(model)
+    m, tok = load_model(source), load_tokenizer(source)
+    res = evaluate(m, tok, task=cfg.task, data=cfg.eval_data, train_data=cfg.data, data_dir=cfg.data_dir,
+                   seed=SPLIT_SEED, limit=cfg.eval.limit, offset=cfg.eval.offset, batch_size=cfg.eval.batch_size, encoder=cfg.eval.encoder,
+                   progress=True)
+    res.update({"model": str(model), "params": param_counts(m), "flops_per_token": flops_per_token(m),
+                "latency": latency(m)})
+    write_json(out, res)
+    return {"metric": res["metric"], "value": res["value"], "n": res["n"]}
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Check the model, the data files and the run folder before any stage starts, reporting every
+    problem at once (the config's own keys were checked when it was read)."""
+    from gradpruner.util.atomic import check_output
+    from gradpruner.data.examples import _require_file, load_examples, load_jsonl
+    from gradpruner.errors import Collect
+    from gradpruner.evaluation.evaluate import check_disjoint
+    from gradpruner.models.loading import check_model, resolve_model
+
+    with Collect() as check:
+        source = check(resolve_model, cfg.model)
+        if source is not None:
+            check(check_model, source)
+        train = check(load_examples, task=cfg.task, data=cfg.data, split="train", data_dir=cfg.data_dir, seed=SPLIT_SEED)
+        if cfg.eval_data is not None and cfg.task is not None:
+            check(_require_file, Path(cfg.eval_data), "Config key eval_data: file", "give an existing JSONL file")
+        elif cfg.eval_data is not None:  # held-out prompt/completion lines: none may be a training line
+            held_out = check(load_jsonl, cfg.eval_data)
+            if train is not None and held_out is not None:
+                check(check_disjoint, train, held_out, str(cfg.eval_data))
+        check(check_output, cfg.out, True, inputs=(source if isinstance(source, Path) else None,))
+
+
+def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | None = None,
+        reuse: list[str | Path] = (), checked: bool = False) -> Path:
+    """Run every stage that is not up to date; return the report path. ``checked``: the caller has
+    already run ``preflight(cfg)`` (``compare`` checks each distinct model and data source once).
+
+    With ``isolate`` (the default) each stage runs in its own process, so the peak memory recorded
+    for a stage is that stage's alone and memory does not accumulate across stages. With ``store``
+    (used by ``gradpruner compare``) stage outputs live in that folder under their keys, so runs
+    that share a stage's inputs (the dense fine-tune, the scores) compute it once; ``reuse`` names
+    earlier run folders whose finished stages with the same key are taken instead of recomputed.
+    """
+    from gradpruner.report.run_report import write_report
+
+    if not checked:
+        preflight(cfg)
+    r = Run(cfg, echo, isolate, store, reuse)
+    d, at = r.dir, r.place
+    with atomic_file(d / "config.yaml") as fh:
+        fh.write(dump_config(cfg))
+    echo(f"run folder {d}")
+    if cfg.finetune.dense_baseline:
+        r.stage("dense_ft", ["dense_ft", "dense_ft_finetune.json"], _finetune, cfg, cfg.model, at("dense_ft", "dense_ft"))
+    r.stage("score", ["scores"], _score, cfg, at("score", "scores"))
+    r.stage("plan", ["plan.json"], _plan, cfg, at("score", "scores/scores.json"), at("plan", "plan.json"))
+    r.stage("prune", ["pruned"], _prune, cfg, at("plan", "plan.json"), at("prune", "pruned"))
+    teacher = {"dense_ft": str(at("dense_ft", "dense_ft")), "dense": cfg.model}.get(cfg.finetune.distill)
+    r.stage("pruned_ft", ["pruned_ft", "pruned_ft_finetune.json"], _finetune, cfg, str(at("prune", "pruned")),
+            at("pruned_ft", "pruned_ft"), teacher=teacher)
+    models = {"dense_zero_shot": cfg.model if cfg.eval.zero_shot_dense else None,
+              "dense_ft": str(at("dense_ft", "dense_ft")) if cfg.finetune.dense_baseline else None,
+              "pruned": str(at("prune", "pruned")) if cfg.eval.pruned_no_finetune else None,
+              "pruned_ft": str(at("pruned_ft", "pruned_ft"))}
+    for name, model in models.items():
+        if model is not None:
+            rel = f"eval/{name}.json"
+            r.stage(f"eval_{name}", [rel], _evaluate, cfg, model, at(f"eval_{name}", rel))
+    report = write_report(d)
+    echo(f"report: {report} (and {report.with_suffix('.html').name})")
+    return report

@@ -1,0 +1,1 @@
+"""Small utilities every stage uses: atomic writes, process groups, tables, option generation."""

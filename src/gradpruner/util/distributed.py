@@ -1,0 +1,235 @@
+"""Several processes (``torchrun`` / ``accelerate launch``): who writes, how errors agree, full gradients.
+
+Every process runs the same command. ``--batch-size`` is the global batch of one optimizer step,
+split evenly over the processes; the Trainer averages the gradients (DDP all-reduce, FSDP
+reduce-scatter or DeepSpeed) and normalises the loss by the token count of the whole global batch.
+Only process 0 writes the outputs: ``on_main`` runs the writing there and hands its result, or its
+error, to every process, so all of them return the same value or fail with the same message.
+
+Gradient capture reads the *full* averaged gradient of a parameter: ``.grad`` for one process and
+DDP, the gathered gradient under FSDP (``summon_full_params(with_grads=True)``, or a DTensor's
+``full_tensor()``) and ``deepspeed.utils.safe_get_full_grad`` under DeepSpeed ZeRO.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from gradpruner.errors import GradPrunerError
+
+PLAIN, FSDP, DEEPSPEED = "plain", "fsdp", "deepspeed"
+
+
+# --- ranks ------------------------------------------------------------------------------------
+
+def _initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    """Processes in this run (1 without a launcher); read from the launcher's environment until the
+    process group exists."""
+    if _initialized():
+        return torch.distributed.get_world_size()
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def rank() -> int:
+    if _initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def is_main() -> bool:
+    """Whether this is process 0, the only one that writes outputs."""
+    return rank() == 0
+
+
+def check_batch(batch_size: int, grad_accum: int = 1, processes: int | None = None) -> None:
+    """Refuse a global batch that does not split evenly over processes × accumulation steps."""
+    processes = world_size() if processes is None else processes
+    if processes > 1 and isinstance(batch_size, int) and isinstance(grad_accum, int) and grad_accum >= 1 \
+            and batch_size >= 1 and batch_size % (processes * grad_accum):
+        raise GradPrunerError(
+            f"--batch-size {batch_size} (the global batch per optimizer step) does not split over {processes} "
+            f"processes × {grad_accum} accumulation steps; use a multiple of {processes * grad_accum}.")
+
+
+def per_device_batch(batch_size: int, grad_accum: int = 1) -> int:
+    """Examples per process and micro-batch for a global ``batch_size`` (checked by ``check_batch``)."""
+    check_batch(batch_size, grad_accum)
+    return batch_size // grad_accum // world_size()
+
+
+def _ensure_group() -> None:
+    """Start the process group the way the Trainer does (accelerate's ``PartialState``) if no Trainer has."""
+    if not _initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        _ensure_group()
+        torch.distributed.barrier()
+
+
+# --- process 0 writes, everyone agrees --------------------------------------------------------
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, GradPrunerError):
+        return str(exc)
+    return f"Process 0 failed with {type(exc).__name__}: {exc}; see its traceback above."
+
+
+def on_main(main, others=None, wait: bool = False):
+    """``main()`` on process 0 and ``others()`` (default: nothing) on the rest, at the same time, so
+    both may take part in the same collectives (training); then every process returns ``main``'s
+    value or raises its error. ``wait``: all processes reach a barrier before ``main`` runs (use it
+    when process 0 removes something the others may still be writing). One process: just ``main()``."""
+    if world_size() == 1:
+        return main()
+    if wait:
+        barrier()
+    value, error = None, None
+    try:
+        value = main() if is_main() else (others() if others is not None else None)
+    except BaseException as exc:  # noqa: BLE001 - handed to the other processes, then raised again
+        error = exc
+    _ensure_group()
+    payload = [(error is None, value if error is None else _describe(error))] if is_main() else [None]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    ok, shared = payload[0]
+    if error is not None:
+        raise error
+    if not ok:
+        raise GradPrunerError(shared)
+    return shared
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (an all-reduce; all processes must call it)."""
+    if world_size() == 1 or not _initialized():
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# --- full gradients ---------------------------------------------------------------------------
+
+def grad_backend(args=None) -> str:
+    """How gradients are laid out in this run: ``plain`` (one process, DDP), ``fsdp`` or ``deepspeed``."""
+    kind = None
+    state = getattr(args, "distributed_state", None) if args is not None else None
+    if state is not None:
+        kind = str(getattr(state, "distributed_type", "")).upper()
+    if (kind and "DEEPSPEED" in kind) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" \
+            or (args is not None and getattr(args, "deepspeed", None)):
+        return DEEPSPEED
+    if (kind and "FSDP" in kind) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
+            or (args is not None and getattr(args, "fsdp", None)):
+        return FSDP
+    return PLAIN
+
+
+def full_grad(param: torch.Tensor, backend: str = PLAIN) -> torch.Tensor | None:
+    """The whole (averaged) gradient of ``param``, or None when it has none.
+
+    ``plain``: ``param.grad``. ``fsdp``: a DTensor gradient (FSDP2) is gathered with ``full_tensor()``;
+    FSDP1 with ``use_orig_params`` must be read inside ``gathered(model, "fsdp")``, where ``.grad`` is
+    whole. ``deepspeed``: ``deepspeed.utils.safe_get_full_grad`` (a collective under ZeRO-3: every
+    process must call it for the same parameters, before DeepSpeed's optimizer step)."""
+    if backend == DEEPSPEED:
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(param)
+    grad = param.grad
+    if grad is not None and backend == FSDP and hasattr(grad, "full_tensor"):
+        return grad.full_tensor()
+    return grad
+
+
+def full_shape(param: torch.Tensor, backend: str = PLAIN) -> tuple[int, ...]:
+    """The unsharded shape of ``param`` (ZeRO-3 keeps it in ``ds_shape``; a DTensor reports it)."""
+    shape = getattr(param, "ds_shape", None) if backend == DEEPSPEED else None
+    return tuple(shape if shape is not None else param.shape)
+
+
+@contextlib.contextmanager
+def gathered(model, backend: str = PLAIN, grads: bool = True):
+    """Inside, FSDP1 parameters (and with ``grads`` their gradients) are whole on every process;
+    nothing to do for the other backends. A collective under FSDP: every process must enter it."""
+    if backend != FSDP or model is None:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        yield  # FSDP2 (fully_shard): DTensors, handled by full_grad / full_shape
+        return
+    with FullyShardedDataParallel.summon_full_params(model, recurse=True, writeback=False, with_grads=grads):
+        yield
+
+
+def call_before_step(optimizer, fn) -> bool:
+    """Make DeepSpeed's optimizer run ``fn()`` first in every step.
+
+    Under accelerate, DeepSpeed's ``engine.step()`` (clipping, update, zeroing the gradients) runs
+    inside ``accelerator.backward`` at the end of the accumulation, before the Trainer's
+    ``on_pre_optimizer_step``; wrapping the ZeRO optimizer's ``step`` is the last moment the
+    reduced gradients exist. False when ``optimizer`` has no inner optimizer to wrap."""
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is None or not callable(getattr(inner, "step", None)):
+        return False
+    step = inner.step
+
+    def wrapped(*args, **kwargs):
+        fn()
+        return step(*args, **kwargs)
+
+    inner.step = wrapped
+    return True
+
+
+class GradientReader:
+    """Mixin for a ``TrainerCallback`` whose ``read()`` runs once per optimizer step while the whole
+    averaged gradients exist: at ``on_pre_optimizer_step``, or under DeepSpeed (whose step runs
+    earlier, inside the backward) first thing in its optimizer step; under FSDP1 inside ``gathered``.
+    A subclass calls ``start_reading`` from its ``on_train_begin`` and defines ``read`` (and
+    ``reading``, False to skip a step without entering ``gathered``)."""
+
+    backend, grad_model = PLAIN, None
+
+    def start_reading(self, args, model, optimizer) -> None:
+        self.backend, self.grad_model = grad_backend(args), model
+        if self.backend == DEEPSPEED and not call_before_step(optimizer, self._read):
+            raise GradPrunerError(f"{type(self).__name__} cannot reach DeepSpeed's optimizer step to read the "
+                                  "gradients; run without DeepSpeed (DDP or FSDP) or report this setup.")
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.backend != DEEPSPEED:  # DeepSpeed has stepped already; see start_reading
+            self._read()
+
+    def reading(self) -> bool:
+        return True
+
+    def read(self) -> None:
+        raise NotImplementedError
+
+    def _read(self) -> None:
+        if self.reading():
+            with gathered(self.grad_model, self.backend):
+                self.read()
+
+
+def module_name(name: str) -> str:
+    """A module name without the wrappers FSDP and activation checkpointing insert."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(wrapper, "")
+    return name
