@@ -9,7 +9,30 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import qa_rows, save_tiny_model_dir, write_jsonl  # noqa: E402
+# The offline copies of the paper's eight task datasets lie beside the repository in the project's
+# checkout (../shared/data). The library never looks there (a user's clone has no such folder), so the
+# tests point it there; a GRADPRUNER_DATA_DIR set by the caller wins.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if SHARED_DATA.is_dir():
+    os.environ.setdefault("GRADPRUNER_DATA_DIR", str(SHARED_DATA))
+
+from helpers import offline_data_dir, qa_rows, save_tiny_model_dir, write_jsonl  # noqa: E402
+
+_NO_DATA = (f"the offline task datasets were not found (GRADPRUNER_DATA_DIR={os.environ.get('GRADPRUNER_DATA_DIR')!r}): "
+            f"put them in {SHARED_DATA} or set GRADPRUNER_DATA_DIR to their folder")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pytest_runtest_setup(item):
+    """Tests marked ``needs_data`` skip without the offline datasets, except under CI, where the
+    datasets are part of the set-up and their absence must fail the run, not hide the tests that read them."""
+    if item.get_closest_marker("needs_data") and offline_data_dir() is None:
+        if _in_ci():
+            pytest.fail(f"CI is set but {_NO_DATA}", pytrace=False)
+        pytest.skip(_NO_DATA)
 
 
 @pytest.fixture(scope="session")
@@ -28,5 +51,5 @@ def tiny_scores(tiny_llama, qa_file, tmp_path_factory) -> Path:
     from gradpruner import api
 
     out = tmp_path_factory.mktemp("runs") / "scores"
-    api.score(str(tiny_llama), out, data=qa_file, steps=4, batch_size=4, lr=1e-3)
+    api.score(str(tiny_llama), out, data=qa_file, method="igia", steps=4, batch_size=4, lr=1e-3)
     return out

@@ -9,6 +9,24 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 
 
+def offline_data_dir() -> Path | None:
+    """The folder holding every task's offline files, or None.
+
+    It is $GRADPRUNER_DATA_DIR, which conftest.py points at ../shared/data beside the repository when
+    that folder exists; tests marked ``needs_data`` read it (and skip, or fail under CI, without it).
+    """
+    import os
+
+    from gradpruner.data.tasks import TASKS
+
+    env = os.environ.get("GRADPRUNER_DATA_DIR")
+    if not env:
+        return None
+    root = Path(env)
+    files = [rel for spec in TASKS.values() for rel in spec.train_files + spec.eval_files]
+    return root if all((root / rel).is_file() for rel in files) else None
+
+
 def make_tiny_tokenizer(save_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (one token per UTF-8 byte, 259 ids) that encodes any text.
 

@@ -7,15 +7,20 @@ import statistics
 
 import pytest
 import torch
+from helpers import TINY_CONFIGS, make_tiny_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
-from gradpruner.bench import alternate, bench_models
 from gradpruner.cli import main
-from gradpruner.costs import analytic_costs, flops_per_token, param_counts
-from gradpruner.models import load_config, load_model, load_tokenizer
-from gradpruner.surgery import remove_layers, save_model
-from helpers import TINY_CONFIGS, make_tiny_model
+from gradpruner.measure.bench import alternate, bench_models
+from gradpruner.measure.costs import analytic_costs, flops_per_token, param_counts
+from gradpruner.models.loading import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    save_model,
+)
+from gradpruner.pruning.surgery import remove_layers
 
 KEEP = [1, 4, 5]  # 3 of the tiny model's 8 layers
 
@@ -65,6 +70,40 @@ def test_pruned_flops_ratio_is_the_hand_computed_one(tiny_llama, pruned_dir):
     assert pruned["params"]["decoder_layers"] * 8 == dense["params"]["decoder_layers"] * 3
 
 
+def test_lora_step_uses_the_finetune_defaults():
+    from gradpruner.finetuning.config import FinetuneConfig
+    from gradpruner.measure import bench
+
+    cfg = FinetuneConfig()
+    assert (bench.LORA_ALPHA, bench.LORA_DROPOUT) == (cfg.alpha, cfg.lora_dropout)
+
+
+def test_table_layout():
+    from gradpruner.measure.bench import format_table
+    from gradpruner.util.tables import markdown_table
+
+    rows = [{"group": "size", "metric": "parameters, total", "unit": "", "shape": "", "dense": 2.5e6, "pruned": 1.5e6,
+             "ratio": 0.6, "predicted": None, "basis": None},
+            {"group": "inference", "metric": "prefill latency", "unit": "s", "shape": "b1 s16", "dense": 0.2,
+             "pruned": 0.1, "ratio": 0.5, "predicted": 0.4, "basis": "flops"}]
+    assert format_table({"rows": rows}) == (
+        "| group | metric | shape | dense | pruned | pruned/dense | predicted |\n"
+        "|---|---|---|---:|---:|---:|---:|\n"
+        "| size | parameters, total |  | 2.50M | 1.50M | 0.600 |  |\n"
+        "| inference | prefill latency (s) | b1 s16 | 0.2000 | 0.1000 | 0.500 | 0.400 (FLOPs) |")
+    assert markdown_table(["a", "b"], [["1", "2"]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+    with pytest.raises(ValueError):
+        markdown_table(["a", "b"], [], align="r")
+
+
+def test_latency_is_the_bench_measurement(tiny_llama):
+    from gradpruner.measure.costs import latency
+
+    lat = latency(load_model(tiny_llama), seq=8, batch=2, new_tokens=2, reps=1)
+    assert {k: lat[k] for k in ("seq", "batch", "new_tokens")} == {"seq": 8, "batch": 2, "new_tokens": 2}
+    assert lat["prefill_s"] > 0 and lat["decode_tokens_per_s"] > 0
+
+
 def test_alternate_interleaves_after_warmup():
     calls = []
     runs = alternate({"dense": lambda: calls.append("d") or 1.0, "pruned": lambda: calls.append("p") or 2.0}, 3, 1)
@@ -91,7 +130,7 @@ def test_bench_models_reports_every_field(tiny_llama, pruned_dir):
             assert r["predicted"] > 0 and r["basis"] == ("params" if r["group"] == "memory" else "flops")
     by = {(r["group"], r["metric"], r["shape"]): r for r in rows}
     total = by["size", "parameters, total", ""]
-    assert total["dense"] == param_counts(load_model(tiny_llama))["total"]
+    assert total["dense"] == sum(p.numel() for p in load_model(tiny_llama).parameters())  # a tied head once
     assert by["memory", "inference peak", "b1 s16"]["predicted"] == total["ratio"]
     assert by["train", "full step time", "b2 s16"]["predicted"] == pytest.approx(
         by["compute", "FLOPs per token (forward)", "s16"]["ratio"])

@@ -7,10 +7,10 @@ import torch
 import yaml
 
 from gradpruner.cli import main
-from gradpruner.compare import load_grid, run_grid
-from gradpruner.config import config_from_dict
 from gradpruner.errors import GradPrunerError
-from gradpruner.pipeline import run
+from gradpruner.pipeline.compare import load_grid, run_grid
+from gradpruner.pipeline.config import config_from_dict
+from gradpruner.pipeline.run import run
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +98,7 @@ def test_compare_dry_run_lists_cells(tiny_llama, tmp_path, capsys):
 
 
 def test_pivot_rows_combine_every_axis_but_task():
-    from gradpruner.compare import _pivot
+    from gradpruner.pipeline.compare import _pivot
 
     rows = [{"task": t, "method": m, "removed": k, "pruned_ft": v, "dense_ft": 0.6, "dense_zero_shot": 0.5}
             for t, m, k, v in [("a", "x", 9, 0.4), ("a", "x", 12, 0.3), ("b", "x", 9, 0.2), ("b", "x", 12, 0.1)]]
@@ -112,8 +112,8 @@ def test_stage_keys_of_published_results_stay_valid(tmp_path):
     runs made before them unchanged, or every published result would be recomputed."""
     from pathlib import Path
 
-    from gradpruner.config import load_config
-    from gradpruner.pipeline import Run
+    from gradpruner.pipeline.config import load_config
+    from gradpruner.pipeline.run import Run
 
     root = Path(__file__).resolve().parents[1]
     recorded = root / "results" / "smollm2_arc_easy" / "stages"

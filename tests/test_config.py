@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradpruner.config import RunConfig, dump_config, load_config
 from gradpruner.errors import GradPrunerError
+from gradpruner.pipeline.config import RunConfig, dump_config, load_config
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests for gradpruner.data: task loaders, generic JSONL, tokenisation and padding."""
+"""Tests for gradpruner.data.examples: task loaders, generic JSONL, tokenisation and padding."""
 from __future__ import annotations
 
 import json
@@ -6,18 +6,22 @@ import logging
 
 import pytest
 import torch
-from helpers import make_tiny_tokenizer
+from helpers import make_tiny_tokenizer, offline_data_dir
 
-from gradpruner.data import (
-    PadCollator, default_data_dir, load_examples, load_jsonl, load_task, tokenize,
+from gradpruner.data.examples import (
+    PACKAGED_DATA,
+    PadCollator,
+    default_data_dir,
+    load_examples,
+    load_jsonl,
+    load_task,
+    tokenize,
 )
-from gradpruner.tasks import KINDS, TASKS, Example, split_indices
+from gradpruner.data.tasks import KINDS, TASKS, Example, split_indices
 from gradpruner.errors import GradPrunerError
 
-DATA_DIR = default_data_dir()
-needs_data = pytest.mark.skipif(
-    DATA_DIR is None or not (DATA_DIR / "arc_easy").is_dir(),
-    reason="offline datasets not found (set GRADPRUNER_DATA_DIR or put them in ../shared/data)")
+DATA_DIR = offline_data_dir()
+needs_data = pytest.mark.needs_data  # skips without the offline datasets, fails under CI (conftest.py)
 
 
 def write_lines(path, lines):
@@ -161,9 +165,70 @@ def test_malformed_task_row_names_file_and_line(tmp_path):
     assert len(err.value.problems) == 2
 
 
+# --------------------------------------------------- where task files come from, packaged ARC-Easy
+
+
 def test_default_data_dir_honours_env(monkeypatch, tmp_path):
     monkeypatch.setenv("GRADPRUNER_DATA_DIR", str(tmp_path))
     assert default_data_dir() == tmp_path
+    assert default_data_dir("arc_easy") == tmp_path  # the variable wins over the packaged files
+
+
+def test_arc_easy_ships_with_the_package(monkeypatch, tmp_path):
+    """With no --data-dir and no $GRADPRUNER_DATA_DIR, ARC-Easy is read from the package itself."""
+    monkeypatch.delenv("GRADPRUNER_DATA_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_data_dir("arc_easy") == PACKAGED_DATA
+    assert default_data_dir() is None and default_data_dir("piqa") is None
+    train, evals = load_task("arc_easy", "train"), load_task("arc_easy", "eval")
+    assert (len(train), len(evals)) == (2251, 570)  # the official ARC-Easy train / validation sizes
+    assert train[0] == Example("Question: Which factor will most likely cause a person to develop a fever?\nAnswer:",
+                               " a bacterial population in the bloodstream")
+    assert (PACKAGED_DATA / "README.md").read_text().count("CC BY-SA 4.0") >= 1
+
+
+def test_task_that_does_not_ship_needs_a_data_dir(monkeypatch, tmp_path):
+    """No silent fallback: not to ../shared/data beside the working directory, not to the Hub."""
+    import datasets
+
+    monkeypatch.delenv("GRADPRUNER_DATA_DIR", raising=False)
+    (tmp_path / "shared" / "data" / "piqa").mkdir(parents=True)
+    write_lines(tmp_path / "shared" / "data" / "piqa" / "validation_part.jsonl",
+                [json.dumps({"goal": "g", "sol1": "a", "sol2": "b", "label": 0})] * 4)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+
+    def no_hub(*a, **k):
+        raise AssertionError("the Hub must be read only with --data-dir hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(GradPrunerError) as err:
+        load_task("piqa", "train")
+    assert len(err.value.problems) == 1
+    msg = str(err.value)
+    assert "'piqa'" in msg and "--data-dir DIR" in msg and "--data-dir hub" in msg and "shared" not in msg
+    # The variable set to a folder without the task's files is an error too, never the packaged copy.
+    monkeypatch.setenv("GRADPRUNER_DATA_DIR", str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GradPrunerError, match="arc_easy/train.jsonl does not exist"):
+        load_task("arc_easy", "train")
+
+
+@needs_data
+def test_packaged_arc_easy_is_the_offline_copy():
+    """The packaged files give exactly the examples (same rows, same order, same splits) of the offline copy."""
+    from gradpruner.data.examples import load_task_rows
+    from gradpruner.evaluation.evaluate import _eval_converter
+
+    def items(split, root):
+        return [r.item for r in load_task_rows("arc_easy", split, _eval_converter(TASKS["arc_easy"]), root)]
+
+    for split, n in (("train", 2251), ("eval", 570)):
+        ours = load_task("arc_easy", split, data_dir=PACKAGED_DATA)
+        assert len(ours) == n and ours == load_task("arc_easy", split, data_dir=DATA_DIR)
+        assert items(split, PACKAGED_DATA) == items(split, DATA_DIR)
+    for rel in TASKS["arc_easy"].train_files + TASKS["arc_easy"].eval_files:
+        assert (PACKAGED_DATA / rel).read_bytes() == (DATA_DIR / rel).read_bytes(), rel
 
 
 # ------------------------------------------------------------------------------ generic JSONL
@@ -293,7 +358,7 @@ def test_tokenize_truncates_long_completion_from_the_right(tok):
 def test_tokenize_drops_examples_without_loss_tokens(tok, caplog):
     tok_no_eos = make_tiny_tokenizer()
     tok_no_eos.eos_token = None
-    with caplog.at_level(logging.WARNING, logger="gradpruner.data"):
+    with caplog.at_level(logging.WARNING, logger="gradpruner.data.examples"):
         out = tokenize([Example("p", ""), Example("p", "x")], tok_no_eos)
     assert len(out) == 1 and out[0]["labels"][-1] != -100
     assert "Dropped 1 of 2" in caplog.text

@@ -1,4 +1,4 @@
-"""bench/diagnose_igia.py's pure helpers on hand-made numbers; no model."""
+"""experiments/holding_accuracy/diagnose_igia.py's pure helpers on hand-made numbers; no model."""
 import importlib.util
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_spec = importlib.util.spec_from_file_location("diagnose_igia", Path(__file__).parents[1] / "bench" / "diagnose_igia.py")
+_spec = importlib.util.spec_from_file_location("diagnose_igia", Path(__file__).parents[1] / "experiments" / "holding_accuracy" / "diagnose_igia.py")
 diag = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(diag)
 

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from gradpruner.distill import kd_loss
-from gradpruner.finetune import FinetuneConfig, finetune
+from gradpruner.finetuning.distill import kd_loss
+from gradpruner.finetuning.finetune import FinetuneConfig, finetune
 
 
 def test_kd_loss_is_kl_on_completion_positions_only():

@@ -1,5 +1,7 @@
 """Several processes: `torchrun --nproc_per_node 2` (CPU, gloo) gives the 1-process results; the
-full-gradient accessor picks the right way per backend (DeepSpeed and FSDP through stubs)."""
+full-gradient accessor picks the right way per backend. DeepSpeed and FSDP are stand-ins here (a stub
+`deepspeed` module, stub accelerate states and DTensor gradients): these tests prove which API our code
+calls and when, not that real DeepSpeed or FSDP runs agree (bench/deepspeed_cpu.py runs real DeepSpeed)."""
 from __future__ import annotations
 
 import json
@@ -15,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gradpruner import distributed
 from gradpruner.cli import main
 from gradpruner.errors import GradPrunerError
+from gradpruner.util import distributed
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -54,7 +56,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rtol=1e-4):
 
 # --- end to end: 1 process vs 2 --------------------------------------------------------------
 
-SCORE = ["--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--seed", "0", "--max-length", "64"]
+SCORE = ["--method", "igia", "--steps", "4", "--batch-size", "4", "--lr", "1e-3", "--seed", "0", "--max-length", "64"]
 
 
 def test_score_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
@@ -118,7 +120,8 @@ def test_on_main_in_one_process_is_a_plain_call():
 # --- the full-gradient accessor ---------------------------------------------------------------
 
 @pytest.fixture
-def fake_deepspeed(monkeypatch):
+def stub_deepspeed(monkeypatch):
+    """A stand-in `deepspeed` package whose safe_get_full_grad records each parameter it is given."""
     calls = []
 
     def safe_get_full_grad(param):
@@ -134,7 +137,7 @@ def fake_deepspeed(monkeypatch):
     return calls
 
 
-def test_backend_is_chosen_from_the_run(monkeypatch):
+def test_backend_is_chosen_from_stub_accelerate_states_and_env(monkeypatch):
     for var in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(var, raising=False)
     assert distributed.grad_backend(None) == "plain"
@@ -146,12 +149,12 @@ def test_backend_is_chosen_from_the_run(monkeypatch):
     assert distributed.grad_backend(None) == "deepspeed"
 
 
-def test_accessor_per_backend(fake_deepspeed):
+def test_accessor_calls_the_deepspeed_and_fsdp_apis_on_stubs(stub_deepspeed):
     p = torch.nn.Parameter(torch.ones(2, 3))
     p.grad = torch.full((2, 3), 2.0)
-    assert distributed.full_grad(p) is p.grad and not fake_deepspeed
+    assert distributed.full_grad(p) is p.grad and not stub_deepspeed
     torch.testing.assert_close(distributed.full_grad(p, "deepspeed"), p.grad)
-    assert fake_deepspeed == [p]
+    assert stub_deepspeed == [p]
     whole = torch.arange(6.0)
     sharded = SimpleNamespace(grad=SimpleNamespace(full_tensor=lambda: whole))  # an FSDP2 DTensor gradient
     assert distributed.full_grad(sharded, "fsdp") is whole
@@ -161,18 +164,18 @@ def test_accessor_per_backend(fake_deepspeed):
                                    "_fsdp_wrapped_module.self_attn.q_proj") == "base_model.model.model.layers.0.self_attn.q_proj"
 
 
-def test_capture_under_deepspeed_reads_full_grads_inside_the_optimizer_step(fake_deepspeed, monkeypatch, tiny_llama, tmp_path):
+def test_capture_with_stub_deepspeed_reads_full_grads_inside_the_optimizer_step(stub_deepspeed, monkeypatch, tiny_llama, tmp_path):
     """DeepSpeed steps inside accelerator.backward, before on_pre_optimizer_step: the capture must
     run first thing in its optimizer step and read the gradients through safe_get_full_grad."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from gradpruner.capture import IGIACallback
+    from gradpruner.scoring.capture import IGIACallback
 
     monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))
     seen = []
-    inner = SimpleNamespace(step=lambda: seen.append(len(fake_deepspeed)))
+    inner = SimpleNamespace(step=lambda: seen.append(len(stub_deepspeed)))
     cb = IGIACallback(tmp_path / "s", steps=2)
     args, state = SimpleNamespace(logging_nan_inf_filter=True), SimpleNamespace(is_world_process_zero=True, global_step=0)
     cb.on_train_begin(args, state, None, model=model, optimizer=SimpleNamespace(optimizer=inner))
@@ -191,14 +194,15 @@ def test_capture_under_deepspeed_reads_full_grads_inside_the_optimizer_step(fake
     torch.testing.assert_close(fac["model.layers.0.self_attn.q_proj.grad_B"][1], q.lora_B["default"].weight.grad)
 
 
-def test_full_grad_method_reads_gradients_through_the_accessor(monkeypatch, tiny_llama, qa_file):
+def test_full_grad_method_with_deepspeed_backend_forced_reads_through_the_accessor(monkeypatch, tiny_llama, qa_file):
     """The full_grad scoring method under DeepSpeed: whole gradients through the accessor, read first
     thing in the optimizer step (DeepSpeed's step runs before on_pre_optimizer_step); same scores as
     the plain run. (A fake `deepspeed` module would confuse transformers' import checks here, so the
-    accessor itself is recorded instead; test_accessor_per_backend covers what it calls.)"""
-    from gradpruner.data import load_examples, tokenize
-    from gradpruner.models import load_model, load_tokenizer
-    from gradpruner.selection import Context, full_grad
+    accessor itself is recorded instead; test_accessor_calls_the_deepspeed_and_fsdp_apis_on_stubs
+    covers what it calls.)"""
+    from gradpruner.data.examples import load_examples, tokenize
+    from gradpruner.models.loading import load_model, load_tokenizer
+    from gradpruner.scoring.methods import Context, full_grad
 
     def scores():
         model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)

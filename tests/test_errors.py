@@ -104,8 +104,8 @@ def test_inconsistent_plans(capsys, tiny_llama, tiny_scores, plan_file, tmp_path
 
 
 def test_igia_missing_a_merged_module(capsys, tiny_llama, tmp_path, plan_file):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"model.layers.0.self_attn.q_proj.grad_A": torch.zeros(2, 8, 64)}, str(tmp_path / "igia.safetensors"))
     err = _run(capsys, "prune", "--model", tiny_llama, "--plan", plan_file(merge={"6": 5}), "--igia",
@@ -115,8 +115,8 @@ def test_igia_missing_a_merged_module(capsys, tiny_llama, tmp_path, plan_file):
 
 
 def test_igia_from_another_model(capsys, tmp_path, plan_file, tiny_scores, qa_file):
-    from helpers import save_tiny_model_dir
     import transformers
+    from helpers import save_tiny_model_dir
 
     other = save_tiny_model_dir(tmp_path / "wide", "llama")
     cfg = transformers.AutoConfig.from_pretrained(other)
@@ -208,8 +208,8 @@ def test_missing_gguf_file(capsys, qa_file, tmp_path):
 def test_alias_without_its_package_names_the_install_command(monkeypatch):
     import importlib.metadata
 
-    from gradpruner import models
     from gradpruner.errors import GradPrunerError
+    from gradpruner.models import loading as models
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)

@@ -8,18 +8,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tiny_model, make_tiny_tokenizer, qa_rows, write_jsonl
+from helpers import (
+    make_tiny_model,
+    make_tiny_tokenizer,
+    offline_data_dir,
+    qa_rows,
+    write_jsonl,
+)
 
-from gradpruner.data import default_data_dir, load_task, tokenize
+from gradpruner.data.examples import load_task, tokenize
+from gradpruner.data.tasks import TASKS, Example, GenItem, MCItem
 from gradpruner.errors import GradPrunerError
-from gradpruner.evaluation import (EvalRow, check_disjoint, completion_stats, evaluate, generate_answers,
-                                   heldout_loss, overlapping)
-from gradpruner.mc_scoring import encode_pair, score_choices
-from gradpruner.tasks import TASKS, Example, GenItem, MCItem
+from gradpruner.evaluation.evaluate import (
+    EvalRow,
+    check_disjoint,
+    completion_stats,
+    evaluate,
+    generate_answers,
+    heldout_loss,
+    overlapping,
+)
+from gradpruner.evaluation.loglik import encode_pair, score_choices
 
-DATA_DIR = default_data_dir()
-needs_data = pytest.mark.skipif(DATA_DIR is None or not (DATA_DIR / "arc_easy").is_dir(),
-                                reason="offline datasets not found (set GRADPRUNER_DATA_DIR or put them in ../shared/data)")
+DATA_DIR = offline_data_dir()
+needs_data = pytest.mark.needs_data  # skips without the offline datasets, fails under CI (conftest.py)
 MC_TASKS = [n for n, s in TASKS.items() if s.to_choices]
 GEN_TASKS = [n for n, s in TASKS.items() if s.to_generation]
 FILES = {"arc_easy": "arc_easy/validation.jsonl", "piqa": "piqa/validation_part.jsonl",
@@ -151,8 +163,8 @@ def test_formats_match_lm_eval_requests(name, lm_eval_tasks):
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_eval_rows_align_with_training_examples(name):
     """The evaluation items are the same rows, in the same order, as load_task's examples."""
-    from gradpruner.data import load_task_rows
-    from gradpruner.evaluation import _eval_converter
+    from gradpruner.data.examples import load_task_rows
+    from gradpruner.evaluation.evaluate import _eval_converter
 
     for split in ("train", "eval"):
         rows = load_task_rows(name, split, _eval_converter(TASKS[name]), DATA_DIR, seed=3)
@@ -183,9 +195,8 @@ def _items() -> list[MCItem]:
 
 
 def _wide_window_gemma3():
-    from transformers import AutoModelForCausalLM
-
     from helpers import TINY_CONFIGS
+    from transformers import AutoModelForCausalLM
 
     config = TINY_CONFIGS["gemma3_text"](4)
     config.sliding_window = 200  # longer than every packed row below
@@ -380,7 +391,7 @@ def test_overlap_guard_on_tasks(tiny, tok, tmp_path):
 # ------------------------------------------------------------- slow: lm-eval HFLM on SmolLM2
 @pytest.fixture(scope="module")
 def smollm2():
-    from gradpruner.models import load_model, load_tokenizer, resolve_model
+    from gradpruner.models.loading import load_model, load_tokenizer, resolve_model
 
     source = resolve_model("smollm2-135m")
     return load_model(source), load_tokenizer(source)
@@ -392,9 +403,9 @@ def test_agrees_with_lm_eval_hflm_on_smollm2(smollm2):
     hf = pytest.importorskip("lm_eval.models.huggingface", reason="lm-evaluation-harness is not installed")
     from lm_eval.api.instance import Instance
 
-    from gradpruner.evaluation import _eval_converter
-    from gradpruner.data import load_task_rows
-    from gradpruner.metrics import acc, acc_norm
+    from gradpruner.data.examples import load_task_rows
+    from gradpruner.evaluation.evaluate import _eval_converter
+    from gradpruner.evaluation.metrics import acc, acc_norm
 
     model, tok = smollm2
     lm = hf.HFLM(pretrained=model, tokenizer=tok, batch_size=16)

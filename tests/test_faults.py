@@ -24,10 +24,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradpruner import api, atomic
-from gradpruner import finetune as ft
+from gradpruner import api
 from gradpruner.cli import main
 from gradpruner.errors import GradPrunerError
+from gradpruner.finetuning import finetune as ft
+from gradpruner.util import atomic
 
 KEEP6 = {"num_layers": 8, "keep": [0, 1, 2, 3, 4, 5], "drop": [6, 7], "merge": {}}
 KEEP5 = {"num_layers": 8, "keep": [0, 1, 2, 3, 4], "drop": [5, 6, 7], "merge": {}}
@@ -80,7 +81,7 @@ def no_loading(monkeypatch):
 
     for module in (api, ft):
         monkeypatch.setattr(module, "load_model", refuse)
-    monkeypatch.setattr("gradpruner.models.load_model", refuse)
+    monkeypatch.setattr("gradpruner.models.loading.load_model", refuse)
 
 
 # --- 1. every input checked before work; every problem in one message -------------------------------
@@ -151,7 +152,7 @@ def pause(tag):
     time.sleep(600)
 
 import gradpruner.api as api
-import gradpruner.atomic as atomic
+import gradpruner.util.atomic as atomic
 if phase == "load":  # before anything is written
     real_load = api.load_model
     api.load_model = lambda *a, **k: pause("load")
@@ -163,7 +164,7 @@ elif phase == "weights":  # mid-save: weights written in the temporary folder, t
         pause("weights")
     mu.safe_save_file = save
 elif phase == "stream":  # out of core, mid-save: a weights shard written, config and metadata not yet
-    import gradpruner.shards as shards
+    import gradpruner.pruning.streamed as shards
     real_write = shards._write_safetensors
     def write_shard(*a, **k):
         real_write(*a, **k)
@@ -280,7 +281,7 @@ def test_scoring_never_modifies_the_input_model(tiny_llama, qa_file, tmp_path):
 # --- 3. interrupted runs resume to the result of an uninterrupted one -----------------------------
 
 def _run_config(tmp_path: Path, model: Path, name: str):
-    from gradpruner.config import config_from_dict
+    from gradpruner.pipeline.config import config_from_dict
 
     return config_from_dict({
         "model": str(model), "task": "arc_easy", "out": str(tmp_path / name), "seed": 0,
@@ -294,7 +295,7 @@ def _run_config(tmp_path: Path, model: Path, name: str):
 def test_run_interrupted_mid_finetune_resumes_to_the_same_result(tiny_llama, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from gradpruner.pipeline import run
+    from gradpruner.pipeline.run import run
 
     real_validate = ft.validate_config
     monkeypatch.setattr(ft, "validate_config", lambda cfg: real_validate(cfg.__class__(**{**vars(cfg), "save_steps": 2})))
@@ -349,7 +350,7 @@ def test_disk_full_while_saving_a_pruned_model(capsys, tiny_llama, tmp_path, mon
     if how == "--in-memory":
         monkeypatch.setattr("transformers.modeling_utils.safe_save_file", _enospc)
     else:
-        monkeypatch.setattr("gradpruner.shards._write_safetensors", _enospc_mid_shard)
+        monkeypatch.setattr("gradpruner.pruning.streamed._write_safetensors", _enospc_mid_shard)
     problems = fails(capsys, "prune", "--model", tiny_llama, "--plan", write(tmp_path / "p5.json", KEEP5), "--out", out,
                      "--overwrite", how)
     assert len(problems) == 1 and "disk is full" in problems[0] and str(out) in problems[0]
@@ -545,7 +546,7 @@ def test_hand_edited_plans(capsys, tiny_llama, tmp_path, text, needle, no_loadin
 def test_a_20_mb_line_is_refused_by_number_without_reading_it_whole(tmp_path):
     import tracemalloc
 
-    from gradpruner.data import MAX_LINE_BYTES, load_jsonl
+    from gradpruner.data.examples import MAX_LINE_BYTES, load_jsonl
 
     path = tmp_path / "big.jsonl"
     with open(path, "w") as f:
@@ -576,7 +577,7 @@ def test_hostile_data_lines_each_get_their_line_number(capsys, tiny_llama, tmp_p
 def test_an_empty_prompt_trains_like_a_text_line(tmp_path):
     from helpers import make_tiny_tokenizer
 
-    from gradpruner.data import load_jsonl, tokenize
+    from gradpruner.data.examples import load_jsonl, tokenize
 
     path = write(tmp_path / "d.jsonl", '{"prompt": "", "completion": "abc"}\n{"text": "abc"}\n')
     a, b = tokenize(load_jsonl(path), make_tiny_tokenizer())
@@ -598,7 +599,7 @@ def test_labels_out_of_range(capsys, tiny_llama, tmp_path, task, row, needle, no
 
 
 def test_config_nesting_bomb_and_control_characters(tmp_path):
-    from gradpruner.config import load_config
+    from gradpruner.pipeline.config import load_config
 
     bomb = write(tmp_path / "bomb.yaml", "a: " + "[" * 100_000)
     with pytest.raises(GradPrunerError, match="not valid YAML"):
@@ -618,7 +619,7 @@ def test_config_nesting_bomb_and_control_characters(tmp_path):
 def test_compare_paths_cannot_escape(tmp_path, change, needle):
     import yaml
 
-    from gradpruner.compare import load_grid
+    from gradpruner.pipeline.compare import load_grid
 
     spec = {"base": {"model": "m", "task": "piqa"}, "out": "results/c", "axes": {"method": {"igia": {}}}, **change}
     with pytest.raises(GradPrunerError) as err:
@@ -634,7 +635,7 @@ override_text = st.builds(lambda k, v: f"{k}={v}", st.sampled_from(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(override_text | st.text(max_size=12), max_size=5))
 def test_any_overrides_either_build_or_list_problems(overrides):
-    from gradpruner.config import RunConfig, load_config
+    from gradpruner.pipeline.config import RunConfig, load_config
 
     try:
         cfg = load_config(None, overrides)
@@ -658,7 +659,7 @@ yaml_value = st.recursive(yaml_leaf, lambda k: st.lists(k, max_size=3) | st.dict
 def test_any_compare_config_either_loads_or_lists_problems(tmp_path, spec, axes):
     import yaml
 
-    from gradpruner.compare import load_grid
+    from gradpruner.pipeline.compare import load_grid
 
     spec = {"base": {"model": "m", "task": "piqa"}, "out": "results/c", "axes": axes, **spec}
     path = tmp_path / "c.yaml"
@@ -698,7 +699,7 @@ def test_any_plan_file_is_refused_in_words_or_reaches_the_model(tiny_llama, tmp_
     except GradPrunerError as exc:
         assert exc.problems and all(isinstance(p, str) and p.strip() for p in exc.problems)
     except Reached:  # a valid plan for this 8-layer model
-        from gradpruner.planning import validate_plan
+        from gradpruner.planning.plans import validate_plan
 
         assert sorted(validate_plan(plan, 8)["keep"] + validate_plan(plan, 8)["drop"]) == list(range(8))
 

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from gradpruner import finetune as ft
 from gradpruner.errors import GradPrunerError
-from gradpruner.finetune import FinetuneConfig, checkpoint_dir, finetune
+from gradpruner.finetuning import finetune as ft
+from gradpruner.finetuning.finetune import FinetuneConfig, checkpoint_dir, finetune
 
 # A high lr and a constant schedule so a few dozen steps on the tiny model reliably lower the loss.
 FAST = dict(lr=1e-2, lr_scheduler="constant", warmup_ratio=0.0, logging_steps=1, batch_size=8)
@@ -136,7 +136,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_llama, qa_f
 
 
 def test_resume_without_checkpoints_starts_afresh_and_says_so(tiny_llama, qa_file, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="gradpruner.finetune"):
+    with caplog.at_level(logging.WARNING, logger="gradpruner.finetuning.finetune"):
         record = finetune(tiny_llama, tmp_path / "o", data=qa_file, config=FinetuneConfig(max_steps=2),
                           resume=True, progress=False)
     assert record["resumed_from"] is None and "No checkpoint" in caplog.text

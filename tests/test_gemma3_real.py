@@ -7,7 +7,7 @@ import pytest
 
 from gradpruner import api
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_data]  # scores on piqa, which does not ship
 
 RELOAD = """
 import sys, json, torch
@@ -22,7 +22,7 @@ print(json.dumps({"same": bool(torch.equal(a, b)), "layers": m.config.num_hidden
 
 def test_gemma3_270m_score_plan_prune_reload(tmp_path):
     from gradpruner.errors import GradPrunerError
-    from gradpruner.models import resolve_model
+    from gradpruner.models.loading import resolve_model
 
     try:
         src = resolve_model("gemma3-270m")

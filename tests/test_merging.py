@@ -7,9 +7,22 @@ import pytest
 import torch
 
 from gradpruner.errors import GradPrunerError
-from gradpruner.merging import (MERGE_RULES, TRIM, fisher, laco, magnitude_trim, merge_layers,
-                                merge_module, needs_igia, none, sign_mean, sign_sum, sparsify, ties,
-                                weighted_average)
+from gradpruner.pruning.merging import (
+    MERGE_RULES,
+    TRIM,
+    fisher,
+    laco,
+    magnitude_trim,
+    merge_layers,
+    merge_module,
+    needs_igia,
+    none,
+    sign_mean,
+    sign_sum,
+    sparsify,
+    ties,
+    weighted_average,
+)
 
 
 def T(rows):

@@ -6,9 +6,9 @@ import importlib.metadata
 import pytest
 import torch
 
-from gradpruner import metrics as M
+from gradpruner.data.tasks import TASKS, MCItem
 from gradpruner.errors import GradPrunerError
-from gradpruner.tasks import TASKS, MCItem
+from gradpruner.evaluation import metrics as M
 
 
 def _encoder_installed() -> bool:

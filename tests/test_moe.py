@@ -6,17 +6,27 @@ import json
 
 import pytest
 import torch
+from helpers import (
+    MOE_CONFIGS,
+    folder_tensors,
+    make_tiny_moe,
+    make_tiny_tokenizer,
+    qa_rows,
+    write_jsonl,
+)
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from gradpruner import api, experts, scoring
-from gradpruner.architectures import SUPPORTED, find_decoder_layers
-from gradpruner.capture import lora_modules
+from gradpruner import api
 from gradpruner.errors import GradPrunerError
-from gradpruner.merging import merge_layers, merge_module
-from gradpruner.shards import prune_streaming, stream_problem
-from gradpruner.surgery import remove_layers, save_model
-from helpers import MOE_CONFIGS, folder_tensors, make_tiny_moe, make_tiny_tokenizer, qa_rows, write_jsonl
+from gradpruner.models import experts
+from gradpruner.models.architectures import SUPPORTED, find_decoder_layers
+from gradpruner.models.loading import save_model
+from gradpruner.pruning.merging import merge_layers, merge_module
+from gradpruner.pruning.streamed import prune_streaming, stream_problem
+from gradpruner.pruning.surgery import remove_layers
+from gradpruner.scoring import igia as scoring
+from gradpruner.scoring.capture import lora_modules
 
 ARCHS = sorted(MOE_CONFIGS)
 PLAN = {"num_layers": 8, "keep": [0, 1, 3, 4, 6], "drop": [2, 5, 7], "merge": {"2": 1, "5": 4, "7": 6}}
@@ -31,7 +41,7 @@ def moe_run(request, tmp_path_factory):
     make_tiny_moe(arch).save_pretrained(str(model_dir), max_shard_size="200KB")
     make_tiny_tokenizer(model_dir)
     data = write_jsonl(root / "qa.jsonl", qa_rows(16))
-    api.score(str(model_dir), root / "scores", data=data, steps=3, batch_size=4, lr=1e-3, rank=2)
+    api.score(str(model_dir), root / "scores", data=data, method="igia", steps=3, batch_size=4, lr=1e-3, rank=2)
     return arch, model_dir, root / "scores"
 
 
@@ -111,7 +121,7 @@ def test_per_expert_igia_is_the_dense_formula_for_each_expert():
     sq = scoring.step_sq_norms(gb, ga)  # [T, E]
     assert sq.shape == (T, E)
     # The module score (as capture computes it: per-step sum over experts, mean over steps) is Σ F.
-    assert scoring.rule_igia(sq.sum(dim=1)) == pytest.approx(float(want.double().sum()), rel=1e-5)
+    assert scoring.score_igia(sq.sum(dim=1)) == pytest.approx(float(want.double().sum()), rel=1e-5)
 
 
 def test_scores_count_every_expert(moe_run):
@@ -145,7 +155,7 @@ def test_in_memory_merge_is_expert_to_expert_and_keeps_routers(moe_run):
         keys = set(f.keys())
         for unit, e, rows in experts.blocks(arch, rel, before[f"model.layers.4.{rel}"].shape):
             shape = tuple(before[f"model.layers.5.{rel}"][e, rows].shape)
-            f_src = experts.block_igia(f, keys, f"model.layers.5.{rel}", e, rows, shape, "igia")
+            f_src = scoring.module_igia(f, keys, f"model.layers.5.{rel}", shape, "igia", expert=e, rows=rows)
             want, _ = merge_module(before[f"model.layers.4.{rel}"][e, rows],
                                    [(before[f"model.layers.5.{rel}"][e, rows], f_src)], "sign_sum", 0.3)
             assert torch.equal(after[f"model.layers.4.{rel}"][e, rows], want), unit

@@ -5,13 +5,14 @@ import sys
 
 import pytest
 import torch
+from helpers import save_tiny_model_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from gradpruner import api, architectures
+from gradpruner import api
 from gradpruner.cli import main
-from helpers import save_tiny_model_dir
+from gradpruner.models import architectures
 
 
 def _factors(path):
@@ -59,8 +60,8 @@ def test_callback_works_inside_a_users_trainer(tiny_llama, qa_file, tmp_path):
     from transformers import Trainer, TrainingArguments
 
     from gradpruner import IGIACallback
-    from gradpruner.data import PadCollator, load_jsonl, tokenize
-    from gradpruner.models import load_tokenizer
+    from gradpruner.data.examples import PadCollator, load_jsonl, tokenize
+    from gradpruner.models.loading import load_tokenizer
 
     tok = load_tokenizer(tiny_llama)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -163,8 +164,8 @@ def test_training_that_ends_early_keeps_the_captured_steps(tiny_llama, qa_file, 
     from transformers import Trainer, TrainingArguments
 
     from gradpruner import IGIACallback
-    from gradpruner.data import PadCollator, load_jsonl, tokenize
-    from gradpruner.models import load_tokenizer
+    from gradpruner.data.examples import PadCollator, load_jsonl, tokenize
+    from gradpruner.models.loading import load_tokenizer
 
     tok = load_tokenizer(tiny_llama)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["o_proj"]))
@@ -180,6 +181,6 @@ def test_training_that_ends_early_keeps_the_captured_steps(tiny_llama, qa_file, 
 
 def test_plan_by_the_authors_norm_rule(tiny_scores, tmp_path):
     s = json.loads((tiny_scores / "scores.json").read_text())
-    plan = api.plan(tiny_scores / "scores.json", tmp_path / "p.json", prune=2, rule="igia_norm")
+    plan = api.plan(tiny_scores / "scores.json", tmp_path / "p.json", prune=2, from_method="igia_norm")
     by_norm = sorted(range(8), key=lambda j: (s["layer_scores_by_rule"]["igia_norm"][j], j))[:2]
     assert plan["drop"] == sorted(by_norm) and plan["score_rule"] == "igia_norm"

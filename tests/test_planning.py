@@ -10,7 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradpruner.errors import GradPrunerError
-from gradpruner.planning import layers_for_target, make_plan, plan_summary, validate_plan
+from gradpruner.planning.plans import (
+    layers_for_target,
+    make_plan,
+    plan_summary,
+    validate_plan,
+)
 
 
 def problems_of(excinfo) -> list[str]:
@@ -331,7 +336,7 @@ def test_validate_plan_never_crashes(plan, num_layers):
 
 
 def test_constraints_protect_the_last_layers_and_limit_blocks():
-    from gradpruner.planning import make_plan
+    from gradpruner.planning.plans import make_plan
 
     scores = [9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5]  # deepest least important
     assert make_plan(scores, 4)["drop"] == [6, 7, 8, 9]

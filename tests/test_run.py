@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 from gradpruner.cli import main
-from gradpruner.config import load_config
-from gradpruner.pipeline import run
+from gradpruner.pipeline.config import load_config
+from gradpruner.pipeline.run import run
 
 
 def _config(tmp_path, model, **extra) -> dict:
@@ -70,7 +70,7 @@ def test_run_end_to_end_then_cached_then_partial_rerun(tiny_llama, tmp_path, one
 
 
 def test_interrupted_run_resumes_where_it_stopped(tiny_llama, tmp_path, monkeypatch, one_thread):
-    from gradpruner import pipeline
+    from gradpruner.pipeline import run as pipeline
 
     path = _config(tmp_path, tiny_llama, finetune={"mode": "lora", "max_steps": 2, "batch_size": 4,
                                                   "max_length": 96, "limit": 32, "dense_baseline": False})
@@ -108,6 +108,6 @@ def test_data_runs_need_a_disjoint_eval_file(tiny_llama, qa_file, tmp_path, caps
 
 
 def test_demo_config_file_matches_the_demo():
-    from gradpruner.demo import demo_config
+    from gradpruner.pipeline.demo import demo_config
 
     assert load_config("configs/demo.yaml") == demo_config("runs/demo")

@@ -3,14 +3,22 @@ import json
 
 import pytest
 import torch
+from helpers import qa_rows
 
 from gradpruner import api
-from gradpruner.data import PadCollator
+from gradpruner.data.examples import PadCollator
 from gradpruner.errors import GradPrunerError
-from gradpruner.models import load_model, load_tokenizer
-from gradpruner.selection import METHODS, Context, block_influence, laco, last_n, magnitude, random_order, taylor
-
-from helpers import make_tiny_tokenizer, qa_rows
+from gradpruner.models.loading import load_model, load_tokenizer
+from gradpruner.scoring.methods import (
+    METHODS,
+    Context,
+    block_influence,
+    laco,
+    last_n,
+    magnitude,
+    random_order,
+    taylor,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +31,7 @@ def one_thread():
 
 @pytest.fixture()
 def ctx(tiny_llama):
-    from gradpruner.data import load_examples, tokenize
+    from gradpruner.data.examples import load_examples, tokenize
 
     model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
     import tempfile
@@ -166,7 +174,7 @@ def test_cli_score_method_then_sensitivity(tiny_llama, qa_file, tmp_path, capsys
 
 
 def test_removal_taylor_is_gradient_dot_layer_contribution(ctx):
-    from gradpruner.selection import removal_taylor
+    from gradpruner.scoring.methods import removal_taylor
 
     got = removal_taylor(ctx)["layer_scores"]
     model, layers = ctx.model, _layers(ctx.model)
@@ -189,7 +197,7 @@ def test_removal_taylor_is_gradient_dot_layer_contribution(ctx):
 
 
 def test_full_grad_one_step_is_the_squared_dense_gradient(ctx):
-    from gradpruner.selection import full_grad
+    from gradpruner.scoring.methods import full_grad
 
     feats = ctx.features[:4]
     batch = PadCollator(ctx.tokenizer.pad_token_id)(feats)
@@ -208,9 +216,10 @@ def test_full_grad_one_step_is_the_squared_dense_gradient(ctx):
 def test_only_layers_runs_the_subset_and_puts_the_layers_back():
     import copy
 
-    from gradpruner.architectures import find_decoder_layers, only_layers
-    from gradpruner.surgery import remove_layers
     from helpers import make_tiny_model
+
+    from gradpruner.models.architectures import find_decoder_layers, only_layers
+    from gradpruner.pruning.surgery import remove_layers
 
     model = make_tiny_model("llama")
     ids = torch.tensor([[3, 7, 11, 2, 5]])

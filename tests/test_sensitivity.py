@@ -5,8 +5,15 @@ import math
 import pytest
 
 from gradpruner.errors import GradPrunerError
-from gradpruner.sensitivity import (agreement_curve, cumulative_scores, first_stable_step, format_curve, select,
-                                    sensitivity, spearman)
+from gradpruner.scoring.sensitivity import (
+    agreement_curve,
+    cumulative_scores,
+    first_stable_step,
+    format_curve,
+    select,
+    sensitivity,
+    spearman,
+)
 
 # 3 steps, 5 layers. Step 1 is zero (LoRA B starts at 0).
 STEPS = [[0, 0, 0, 0, 0],

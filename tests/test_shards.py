@@ -1,16 +1,21 @@
-"""Out-of-core pruning (gradpruner.shards) writes the checkpoint the in-memory path writes."""
+"""Out-of-core pruning (gradpruner.pruning.streamed) writes the checkpoint the in-memory path writes."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import (
+    folder_tensors,
+    make_tiny_model,
+    make_tiny_tokenizer,
+    save_tiny_model_dir,
+)
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from gradpruner import api
 from gradpruner.errors import GradPrunerError
-from gradpruner.models import tensor_files
-from gradpruner.shards import parse_size, prune_streaming, stream_problem
-from helpers import folder_tensors, make_tiny_model, make_tiny_tokenizer, save_tiny_model_dir
+from gradpruner.models.loading import tensor_files
+from gradpruner.pruning.streamed import parse_size, prune_streaming, stream_problem
 
 PLAN = {"num_layers": 8, "keep": [0, 1, 3, 4, 6], "drop": [2, 5, 7], "merge": {"2": 1, "5": 4, "7": 6}}
 
@@ -132,8 +137,8 @@ def test_prune_streams_by_default_and_says_so(tmp_path, tiny_scores):
 
 
 def test_out_of_core_refused_when_the_input_does_not_allow_it(tmp_path, capsys, monkeypatch):
-    from gradpruner import shards
     from gradpruner.cli import main
+    from gradpruner.pruning import streamed as shards
 
     model_dir = save_tiny_model_dir(tmp_path / "model")
     plan = tmp_path / "plan.json"

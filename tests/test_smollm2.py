@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smollm2():
     from gradpruner.errors import GradPrunerError
-    from gradpruner.models import resolve_model
+    from gradpruner.models.loading import resolve_model
 
     try:
         return resolve_model("smollm2-135m")
@@ -22,7 +22,7 @@ def smollm2():
 
 
 def test_alias_converts_once_to_a_plain_checkpoint(smollm2):
-    from gradpruner.models import resolve_model
+    from gradpruner.models.loading import resolve_model
 
     cfg = json.loads((smollm2 / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 30 and cfg["model_type"] == "llama" and "quantization_config" not in cfg

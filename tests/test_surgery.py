@@ -6,10 +6,12 @@ import re
 
 import pytest
 import torch
+from helpers import TINY_CONFIGS, make_tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BertConfig, BertModel, Qwen2MoeConfig
 
-from gradpruner.architectures import (
+from gradpruner.errors import GradPrunerError
+from gradpruner.models.architectures import (
     SUPPORTED,
     decoder_layer_prefix,
     find_decoder_layers,
@@ -17,9 +19,8 @@ from gradpruner.architectures import (
     linear_module_names,
     subset_config,
 )
-from gradpruner.errors import GradPrunerError
-from gradpruner.surgery import remove_layers, save_model
-from helpers import TINY_CONFIGS, make_tiny_model
+from gradpruner.models.loading import save_model
+from gradpruner.pruning.surgery import remove_layers
 
 KEEP = [1, 4, 5]
 NOT_PER_LAYER = {"architectures", "eos_token_id", "bos_token_id", "pad_token_id"}

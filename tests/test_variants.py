@@ -1,4 +1,4 @@
-"""IGIA variants (issue 8): each against a direct computation on hand-made tensors or a tiny model."""
+"""IGIA variants: each against a direct computation on hand-made tensors or a tiny model."""
 import json
 import math
 
@@ -7,10 +7,16 @@ import torch
 from safetensors import safe_open
 
 from gradpruner import api
-from gradpruner.models import load_model, load_tokenizer
-from gradpruner.selection import Context
-from gradpruner.variants import (VARIANTS, base_weights, log_mean, module_matrices, rescaled, residual_scales,
-                                 saliency, type_rank)
+from gradpruner.models.loading import load_model, load_tokenizer
+from gradpruner.scoring.methods import Context
+from gradpruner.scoring.variants import (
+    VARIANTS,
+    log_mean,
+    rescaled,
+    residual_scales,
+    saliency,
+    type_rank,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -80,14 +86,13 @@ def test_every_variant_scores_from_the_igia_run(method, tiny_llama, qa_file, tmp
     stats = data["variant_statistics"]
     if method == "igia_saliency":  # recompute Σ F ⊙ W² from the stored factors and the model's weights
         model = load_model(tiny_llama)
-        names = list(data["module_scores"])
-        sal = saliency(module_matrices(tmp_path / "s" / "igia.safetensors", names), base_weights(model, names))
         want = [0.0] * 8
-        for n, v in sal.items():
-            want[data["module_layer"][n]] += v
-        assert data["layer_scores"] == pytest.approx(want, rel=1e-6)
         with safe_open(str(tmp_path / "s" / "igia.safetensors"), "pt") as f:
-            assert f"{names[0]}.grad_A" in f.keys()
+            for n in data["module_scores"]:
+                gb, ga = f.get_tensor(f"{n}.grad_B").double(), f.get_tensor(f"{n}.grad_A").double()
+                fisher = (gb @ ga).pow(2).mean(0)  # F: the step-mean of the squared simulated gradient B'A'
+                want[data["module_layer"][n]] += float((fisher * model.get_submodule(n).weight.double().pow(2)).sum())
+        assert data["layer_scores"] == pytest.approx(want, rel=1e-6)
     elif method == "igia_gradnorm":
         assert data["layer_scores"] == pytest.approx([s / g for s, g in zip(igia, stats["grad_sq"])])
     elif method == "igia_scaled":
@@ -100,19 +105,26 @@ def test_every_variant_scores_from_the_igia_run(method, tiny_llama, qa_file, tmp
 
 def test_residual_scales_are_taken_before_training(tiny_llama, qa_file, tmp_path):
     """The statistics describe the model as given: the same as measured directly on it."""
-    from gradpruner.data import load_examples, tokenize
+    from gradpruner.data.examples import load_examples, tokenize
 
     api.score(str(tiny_llama), tmp_path / "s", data=qa_file, method="igia_scaled", steps=3, batch_size=4,
               lr=1e-3, calib_examples=8, max_length=64)
     data = json.loads((tmp_path / "s" / "scores.json").read_text())
     model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
     feats = tokenize(load_examples(data=qa_file, split="train"), tok, max_length=64)
-    want = residual_scales(model, Context(model, tok, feats, seed=0, calib_examples=8, batch_size=4).batches())
-    assert data["variant_statistics"]["input_ms"] == pytest.approx(want["input_ms"], rel=1e-5)
+    sums, n_tok = [0.0] * 8, 0  # mean square of each layer's input hidden state, over real tokens
+    with torch.no_grad():
+        for batch in Context(model, tok, feats, seed=0, calib_examples=8, batch_size=4).batches():
+            hs = model(**batch, output_hidden_states=True, use_cache=False).hidden_states
+            m = batch["attention_mask"].bool()
+            n_tok += int(m.sum())
+            for j in range(8):
+                sums[j] += float(hs[j][m].double().pow(2).mean(-1).sum())
+    assert data["variant_statistics"]["input_ms"] == pytest.approx([v / n_tok for v in sums], rel=1e-4)
 
 
 def test_guard_lets_igia_choose_only_within_the_pool():
-    from gradpruner.variants import guard_pool, guarded
+    from gradpruner.scoring.variants import guarded
 
     igia = [5.0, 1.0, 2.0, 0.5, 4.0, 3.0]
     bi = [0.9, 0.1, 0.8, 0.7, 0.2, 0.3]  # cheapest to remove: 1, 4, 5, then 3
@@ -120,16 +132,28 @@ def test_guard_lets_igia_choose_only_within_the_pool():
     assert out[1] == 1.0 and out[4] == 4.0 and out[5] == 3.0  # in the pool: their IGIA
     assert out[3] == 6.0 + 3 and out[2] == 6.0 + 4 and out[0] == 6.0 + 5  # outside: above all, in guard order
     assert sorted(range(6), key=lambda j: out[j])[:3] == [1, 5, 4]  # layer 3 (lowest IGIA) is guarded
-    assert guard_pool(12, 30) == 16 and guard_pool(9, 30) == 12 and guard_pool(8, 9) == 8
+
+
+@pytest.mark.parametrize(("prune", "layers", "pool"), [
+    (12, 30, 16), (9, 30, 12),  # prune divisible by 3: prune + prune/3
+    (4, 30, 6), (13, 30, 18),  # ⌈4/3⌉ = 2, ⌈13/3⌉ = 5; rounding down or to nearest would give 5 and 17
+    (5, 30, 7), (1, 30, 2),  # ⌈5/3⌉ = 2, ⌈1/3⌉ = 1; rounding down would give 6 and 1
+    (8, 9, 8), (20, 24, 23),  # capped at layers − 1: one layer always stays outside the pool
+])
+def test_guard_pool_is_prune_plus_a_third_rounded_up(prune, layers, pool):
+    from gradpruner.scoring.variants import guard_pool
+
+    assert guard_pool(prune, layers) == pool
 
 
 def test_removal_loss_is_the_measured_loss_increase(tiny_llama):
-    from gradpruner.data import load_examples, tokenize
-    from gradpruner.selection import removal_loss
     import tempfile
     from pathlib import Path
 
     from helpers import qa_rows, write_jsonl
+
+    from gradpruner.data.examples import load_examples, tokenize
+    from gradpruner.scoring.methods import removal_loss
 
     model, tok = load_model(tiny_llama), load_tokenizer(tiny_llama)
     with tempfile.TemporaryDirectory() as d:
@@ -148,27 +172,27 @@ def test_removal_loss_is_the_measured_loss_increase(tiny_llama):
 
 
 @pytest.mark.parametrize("method", ["igia_guarded", "igia_guarded_loss"])
-def test_guarded_variants_need_and_use_the_target(method, tiny_llama, qa_file, tmp_path):
-    from gradpruner.errors import GradPrunerError
-    from gradpruner.variants import guard_pool, guarded
-
-    with pytest.raises(GradPrunerError, match="needs the number of layers to remove"):
-        api.score(str(tiny_llama), tmp_path / "x", data=qa_file, method=method, steps=2, batch_size=4, max_length=64)
-    assert not (tmp_path / "x").exists()
+def test_guarded_variants_use_the_target_or_the_plans_default_count(method, tiny_llama, qa_file, tmp_path):
+    api.score(str(tiny_llama), tmp_path / "x", data=qa_file, method=method, steps=2, batch_size=4, max_length=64,
+              calib_examples=8)
+    assert json.loads((tmp_path / "x" / "scores.json").read_text())["variant_statistics"]["target"] == 12
     api.score(str(tiny_llama), tmp_path / "s", data=qa_file, method=method, steps=3, batch_size=4, lr=1e-3,
               calib_examples=8, max_length=64, target=3)
     data = json.loads((tmp_path / "s" / "scores.json").read_text())
     guard = data["variant_statistics"]["block_influence" if method == "igia_guarded" else "removal_loss"]
-    assert data["layer_scores"] == guarded(data["layer_scores_by_rule"]["igia"], guard, guard_pool(3, 8))
+    igia = data["layer_scores_by_rule"]["igia"]
+    order = sorted(range(8), key=lambda j: (guard[j], j))  # lowest guard score first
+    pool = order[:4]  # 3 + ⌈3/3⌉ = 4 layers
+    for j in range(8):  # in the pool its IGIA; outside, above every IGIA score, in guard order
+        assert data["layer_scores"][j] == (igia[j] if j in pool else max(igia) + 1.0 + order.index(j))
     plan = api.plan(tmp_path / "s" / "scores.json", tmp_path / "plan.json", prune=3, merge=1)
-    pool = sorted(range(8), key=lambda j: (guard[j], j))[:guard_pool(3, 8)]
     assert set(plan["drop"]) <= set(pool)
 
 
 def test_config_refuses_a_guarded_variant_without_a_layer_count_and_keys_it_by_that_count(tmp_path):
-    from gradpruner.config import config_from_dict
     from gradpruner.errors import GradPrunerError
-    from gradpruner.pipeline import Run
+    from gradpruner.pipeline.config import config_from_dict
+    from gradpruner.pipeline.run import Run
 
     with pytest.raises(GradPrunerError, match="igia_guarded needs plan.prune"):
         config_from_dict({"score": {"method": "igia_guarded"}, "plan": {"prune": None, "target_params": 0.3}})
@@ -179,3 +203,12 @@ def test_config_refuses_a_guarded_variant_without_a_layer_count_and_keys_it_by_t
         return Run(cfg, echo=lambda *_: None, isolate=False).keys
     assert keys(9)["score"] != keys(12)["score"]          # the guard's pool depends on it
     assert keys(9, "igia")["score"] == keys(12, "igia")["score"]  # the paper's scores do not
+
+
+def test_the_registry_says_which_methods_are_variants():
+    from gradpruner.scoring.methods import METHODS
+    from gradpruner.scoring.variants import VARIANTS
+
+    assert {n for n, m in METHODS.items() if m.kind == "variant"} == set(VARIANTS)
+    assert {n for n, m in METHODS.items() if m.kind == "igia"} == {"igia", "igia_norm"}
+    assert all(m.fn is not None for m in METHODS.values() if m.kind == "direct")

@@ -3,15 +3,14 @@ import json
 
 import pytest
 import torch
+from helpers import make_tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from gradpruner import api
 from gradpruner.errors import GradPrunerError
-from gradpruner.scoring import igia_matrix
-from gradpruner.width import dim_scores, prune_width, width_plan
-
-from helpers import make_tiny_model
+from gradpruner.pruning.width import dim_scores, prune_width, width_plan
+from gradpruner.scoring.igia import igia_matrix
 
 
 def test_dim_scores_are_igia_row_and_column_sums(tiny_scores):

@@ -6,31 +6,35 @@ configuration next to its output, so every stage can be rerun alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import platform
 from pathlib import Path
 
 import torch
 
-from gradpruner import __version__
-
-from gradpruner.models import architectures
-
-from gradpruner.util import distributed
-
-from gradpruner.pruning import experts
-
-from gradpruner.planning import plans as planning
-from gradpruner.util.atomic import atomic_dir, check_output, read_json, write_json
-from gradpruner.scoring.capture import IGIACallback
-from gradpruner.measure.costs import param_counts
 from gradpruner.data.examples import load_examples, tokenize
-from gradpruner.errors import Collect, GradPrunerError, lookup
-from gradpruner.models.loading import check_model, load_config, load_model, load_tokenizer, resolve_model
-from gradpruner.report.plots import plot_layer_scores
-from gradpruner.scoring.igia import SCORE_RULES
 from gradpruner.data.tasks import SPLIT_SEED
+from gradpruner.errors import Collect, GradPrunerError, lookup
+from gradpruner.measure.costs import param_counts
+from gradpruner.models import architectures, experts
+from gradpruner.models.loading import (
+    check_model,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
+from gradpruner.planning import plans as planning
+from gradpruner.planning.config import DEFAULT_PRUNE, PlanConfig
+from gradpruner.pruning.config import PruneConfig
+from gradpruner.report.plots import plot_layer_scores
+from gradpruner.scoring.capture import IGIACallback
+from gradpruner.scoring.config import ScoreConfig
+from gradpruner.scoring.igia import IGIA_SCORES
+from gradpruner.util import distributed, options
+from gradpruner.util.atomic import atomic_dir, check_output, read_json, write_json
+from gradpruner.util.versions import versions
 
 log = logging.getLogger(__name__)
 MIN_STEPS = 2          # the first step carries no signal (LoRA B starts at zero)
@@ -56,33 +60,30 @@ def layer_param_counts(model) -> tuple[list[int], int]:
     return [sum(p.numel() for p in layer.parameters()) for layer in layers], param_counts(model)["total"]
 
 
-def _versions() -> dict:
-    import peft
-    import transformers
-
-    return {"gradpruner": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
-
-
 # --- score ------------------------------------------------------------------------------------
 
 def score(model: str, out: str | Path, task: str | None = None, data: str | Path | None = None,
-          data_dir: str | Path | None = None, method: str = "igia", steps: int | None = 40,
-          steps_fraction: float | None = None,
-          planned_steps: int | None = None, rank: int = 8, alpha: float = 32, lr: float = 1e-4,
-          batch_size: int = 8, grad_accum: int = 1, max_length: int = 512, seed: int = 0,
-          lora_dropout: float = 0.0, max_grad_norm: float = 0.0, adapter: str = "lora",
-          calib_examples: int = 64, target: int | None = None, options: dict | None = None,
-          overwrite: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
-    """Score every decoder layer with ``method`` and write scores.json (+ igia.safetensors for IGIA).
+          data_dir: str | Path | None = None, config: ScoreConfig | None = None, *, seed: int = 0,
+          target: int | None = None, overwrite: bool = False, trust_remote_code: bool = False,
+          allow_pickle: bool = False, **settings) -> dict:
+    """Score every decoder layer and write scores.json (+ igia.safetensors for the IGIA methods).
 
-    IGIA methods run T LoRA (or DoRA, ``adapter="dora"``) optimizer steps; the other methods of
-    ``selection.METHODS`` use ``calib_examples`` task examples (or none); ``target`` is the number of
-    layers to remove, which only LaCo needs.
+    The settings are the fields of ``ScoreConfig`` (``method``, ``steps``, ``rank``, ``lr``, …): pass
+    ``config`` or any of them as keywords. IGIA methods run T LoRA (or DoRA) optimizer steps; the
+    other methods of ``scoring.methods.METHODS`` use ``calib_examples`` task examples (or none).
+    ``target`` is the number of layers the plan will remove, which LaCo and the guard of
+    ``igia_guarded`` need (default: the plan's default count).
     """
     from gradpruner.scoring.methods import METHODS, Context
-    from gradpruner.scoring.variants import VARIANTS, statistics, variant_scores
+    from gradpruner.scoring.variants import statistics, variant_scores
 
+    c = options.settings(ScoreConfig, config, settings, "score setting")
+    method, steps, rank, alpha, lr = c.method, c.steps, c.rank, c.alpha, c.lr
+    batch_size, grad_accum, max_length, adapter = c.batch_size, c.grad_accum, c.max_length, c.adapter
+    lora_dropout, max_grad_norm, calib_examples = c.lora_dropout, c.max_grad_norm, c.calib_examples
+    steps_fraction, planned_steps = c.steps_fraction, c.planned_steps
+    options_ = {"laco_group": c.laco_group, "laco_threshold": c.laco_threshold}
+    target = DEFAULT_PRUNE if target is None else target
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         spec = check(lookup, METHODS, method, "scoring method")
         if (spec is not None and spec.trains) or steps_fraction is not None:
@@ -99,7 +100,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     layer_params, total_params = layer_param_counts(base)
     prefix = architectures.decoder_layer_prefix(base)
     names = architectures.linear_module_names(base)
-    params = experts.expert_parameter_names(base) if spec.fn is None else []  # fused MoE experts (IGIA)
+    params = experts.expert_parameter_names(base) if spec.lora_steps else []  # fused MoE experts (IGIA)
     experts.check_lora(params, adapter, lora_dropout, method)
     module_layer = {n: int(n[len(prefix) + 1:].split(".")[0]) for n in names + params}
     meta = {
@@ -108,16 +109,16 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
         "max_length": max_length, "seed": seed, "lora_dropout": lora_dropout, "max_grad_norm": max_grad_norm,
         "method": method, "adapter": adapter, "calib_examples": calib_examples,
         "train_examples": len(features), "layer_prefix": prefix, "layer_params": layer_params,
-        "total_params": total_params, "model_type": base.config.model_type, "versions": _versions(),
+        "total_params": total_params, "model_type": base.config.model_type, "versions": versions(),
     }
     if distributed.world_size() > 1:
         meta["processes"] = distributed.world_size()
 
     def produce(tmp: Path | None) -> dict | None:
         """Score into ``tmp`` (process 0); the other processes (``tmp`` None) only take part in the training."""
-        if spec.fn is None:  # igia, igia_norm and the IGIA variants: the LoRA proxy with gradient capture
+        if spec.lora_steps:  # igia, igia_norm and the IGIA variants: the LoRA proxy with gradient capture
             stats = None
-            if method in VARIANTS and tmp is not None:  # measured on the model as given, before any step
+            if spec.kind == "variant" and tmp is not None:  # measured on the model as given, before any step
                 stats = statistics(method, Context(base, tok, features, seed=seed, calib_examples=calib_examples,
                                                    batch_size=batch_size, target=target))
             cb = IGIACallback(tmp or Path(out), steps=steps, module_layer=module_layer, num_layers=len(layer_params),
@@ -130,14 +131,14 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
                 return None
             result = read_json(tmp / "scores.json", "Scores file")
             result["method"] = method
-            if method in VARIANTS:
+            if spec.kind == "variant":
                 result["layer_scores"] = variant_scores(method, base, result, tmp / "igia.safetensors", stats)
                 result["variant_statistics"] = stats
             else:
                 result["layer_scores"] = result["layer_scores_by_rule"][method]
         else:
             ctx = Context(base, tok, features, seed=seed, calib_examples=calib_examples, batch_size=batch_size,
-                          steps=steps, lr=lr, target=target, options=dict(options or {}))
+                          steps=steps, lr=lr, target=target, options=options_)
             result = {**meta, "num_layers": len(layer_params), "steps": steps if spec.trains else 0, **spec.fn(ctx)}
             if tmp is None:
                 return None
@@ -176,15 +177,14 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
                 seed, dropout, max_grad_norm, work_dir, adapter="lora", parameters=None) -> None:
     """Attach LoRA to every listed linear module (and fused expert parameter) and train ``steps``
     optimizer steps with ``callback``."""
-    from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
+    from gradpruner.models.lora import attach_lora
     from gradpruner.scoring.methods import train_steps
 
     set_seed(seed)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
-                     task_type="CAUSAL_LM", use_dora=adapter == "dora", target_parameters=parameters or None)
-    model = get_peft_model(base, cfg)
+    model = attach_lora(base, rank=rank, alpha=alpha, dropout=dropout, target_modules=names, adapter=adapter,
+                        target_parameters=parameters)
     try:
         train_steps(model, tok, features, callback, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                     lr=lr, seed=seed, max_grad_norm=max_grad_norm, work_dir=work_dir, progress=True)
@@ -194,17 +194,24 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
 
 # --- plan -------------------------------------------------------------------------------------
 
-def plan(scores: str | Path, out: str | Path, prune: int | None = None, target_params: float | None = None,
-         merge: int = 0, rule: str | None = None, granularity: str = "layer", protect_last: int = 0,
-         max_block: int | None = None, overwrite: bool = False) -> dict:
-    """Apply the GUIDE §1.5 rule to a scores file and write plan.json.
+def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, *, overwrite: bool = False,
+         **settings) -> dict:
+    """Choose the layers to remove and to merge from a scores file and write plan.json.
 
-    With ``granularity="hidden"`` (paper Appendix D) the same parameter budget is taken from the
-    residual-stream width instead of from whole layers (see ``width``)."""
+    The settings are the fields of ``PlanConfig`` (``prune`` or ``target_params``, ``merge``, ``rule``,
+    ``granularity``, ``protect_last``, ``max_block``): pass ``config`` or any of them as keywords. The N
+    lowest-scoring layers are removed; of those, the M highest-scoring are merged into the nearest
+    preceding kept layer. With ``granularity="hidden"`` (paper Appendix D) the same parameter budget
+    is taken from the residual-stream width instead of from whole layers (see ``pruning.width``)."""
+    c = options.settings(PlanConfig, config, settings, "plan setting")
+    if "target_params" in settings and "prune" not in settings and c.target_params is not None:
+        c = dataclasses.replace(c, prune=None)  # a fraction given alone replaces the default count
+    prune, target_params, merge, rule = c.prune, c.target_params, c.merge, c.from_method
+    granularity, protect_last, max_block = c.granularity, c.protect_last, c.max_block
     with Collect() as check:
         data = check(_read_scores, scores)
         if rule is not None:
-            check(lookup, SCORE_RULES, rule, "score rule")
+            check(lookup, IGIA_SCORES, rule, "IGIA method (from_method)")
         if (prune is None) == (target_params is None):
             check.problems.append("Give exactly one of --prune N or --target-params FRACTION.")
         if granularity not in ("layer", "hidden"):
@@ -259,18 +266,21 @@ def _hidden_plan(scores, data: dict, layer_plan: dict) -> dict:
 # --- prune ------------------------------------------------------------------------------------
 
 def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path | None = None,
-          density: float = 0.2, merge_rule: str = "sign_sum", overwrite: bool = False,
-          trust_remote_code: bool = False, allow_pickle: bool = False, out_of_core: bool | None = None,
-          max_shard_size: str | int = "2GB") -> dict:
-    """Merge, remove layers and save a standard checkpoint to ``out`` (GUIDE §1.6–1.7).
+          config: PruneConfig | None = None, *, overwrite: bool = False, trust_remote_code: bool = False,
+          allow_pickle: bool = False, **settings) -> dict:
+    """Merge, remove layers and save a standard checkpoint to ``out``.
 
-    ``out_of_core``: True streams the checkpoint shard by shard without loading the model
-    (``gradpruner.pruning.streamed``; output shards of at most ``max_shard_size``), False loads it, None (the
-    default) streams whenever the input allows it (a local safetensors folder with the model's own
-    tensor names, no hidden-size pruning). Both write the same tensors."""
+    The settings are the fields of ``PruneConfig`` (``density``, ``merge_rule``, ``out_of_core``,
+    ``max_shard_size``): pass ``config`` or any of them as keywords. ``out_of_core`` True streams the
+    checkpoint shard by shard without loading the model (``pruning.streamed``; output shards of at
+    most ``max_shard_size``), False loads it, None (the default) streams whenever the input allows it
+    (a local safetensors folder with the model's own tensor names, no hidden-size pruning). Both
+    write the same tensors."""
+    c = options.settings(PruneConfig, config, settings, "prune setting")
+    density, merge_rule, out_of_core, max_shard_size = c.density, c.merge_rule, c.out_of_core, c.max_shard_size
+    from gradpruner.models.loading import save_model
     from gradpruner.pruning.merging import MERGE_RULES, check_density, needs_igia
     from gradpruner.pruning.streamed import parse_size
-    from gradpruner.pruning.surgery import save_model
 
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         check(lookup, MERGE_RULES, merge_rule, "merge rule")
@@ -278,27 +288,27 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
         shard_bytes = check(parse_size, max_shard_size)
         source = check(resolve_model, model)
         raw_plan = plan if isinstance(plan, dict) else check(_read_plan, plan)
-        config = check(check_model, source, trust_remote_code, allow_pickle) if source is not None else None
+        model_config = check(check_model, source, trust_remote_code, allow_pickle) if source is not None else None
         the_plan = None if raw_plan is None else check(
-            planning.validate_plan, raw_plan, config.num_hidden_layers if config is not None else None)
+            planning.validate_plan, raw_plan, model_config.num_hidden_layers if model_config is not None else None)
         check(check_output, out, overwrite, inputs=(source if isinstance(source, Path) else None,))
         factors = None
         if the_plan is not None and the_plan["merge"] and merge_rule in MERGE_RULES and needs_igia(merge_rule):
             factors = check(_factor_path, the_plan, igia, plan)
             if factors is not None:
                 check(_check_factor_names, factors, the_plan, merge_rule)
-    stream = _choose_streaming(out_of_core, source, config, the_plan)
+    stream = _choose_streaming(out_of_core, source, model_config, the_plan)
     meta = {"plan": the_plan, "density": density, "merge_rule": merge_rule, "source": str(source),
-            "igia": str(factors) if factors else None, "out_of_core": stream, "versions": _versions()}
+            "igia": str(factors) if factors else None, "out_of_core": stream, "versions": versions()}
     if stream:
         from gradpruner.pruning.streamed import prune_streaming
 
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            meta["merge_stats"] = prune_streaming(source, config, the_plan, tmp, factors, density, merge_rule,
+            meta["merge_stats"] = prune_streaming(source, model_config, the_plan, tmp, factors, density, merge_rule,
                                                   shard_bytes)
             write_json(tmp / "gradpruner.json", meta)
         return meta
-    model_obj, tok, meta["merge_stats"] = _prune_in_memory(source, config, the_plan, factors, density, merge_rule,
+    model_obj, tok, meta["merge_stats"] = _prune_in_memory(source, model_config, the_plan, factors, density, merge_rule,
                                                            trust_remote_code, allow_pickle)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_model(model_obj, tok, tmp, extra_files={"gradpruner.json": meta})

@@ -10,6 +10,12 @@ import traceback
 from pathlib import Path
 
 from gradpruner.errors import GradPrunerError
+from gradpruner.evaluation.config import EvalConfig
+from gradpruner.finetuning.config import FinetuneConfig
+from gradpruner.planning.config import DEFAULT_PRUNE, PlanConfig
+from gradpruner.pruning.config import PruneConfig
+from gradpruner.scoring.config import ScoreConfig
+from gradpruner.util.options import add_options, from_args
 
 
 def _add_model(p, required=True):
@@ -23,89 +29,58 @@ def _add_out(p, help_text):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
+DATA_DIR_HELP = ("folder with the task folders (arc_easy/, piqa/, ...), or hub to read the task from the Hugging "
+                 "Face Hub (default: $GRADPRUNER_DATA_DIR, else the data shipped in the package, ARC-Easy)")
+
+
+def _add_data(p, required: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--task", help="built-in task: arc_easy, piqa, hellaswag, winogrande, medmcqa, pubmedqa, "
+                     "fingpt_sentiment, billsum")
+    src.add_argument("--data", help='JSONL file of {"prompt","completion"} or {"text"} lines')
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
+
+
+def _methods_epilog() -> str:
+    from gradpruner.scoring.methods import METHODS
+
+    width = max(map(len, METHODS))
+    return "methods (--method):\n" + "\n".join(f"  {name:<{width}}  {m.about}" for name, m in METHODS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gradpruner", description="Prune a fine-tuned LLM for one task with early LoRA gradients.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("score", help="score every decoder layer: IGIA from T LoRA steps (default) or a baseline method")
+    s = sub.add_parser("score", help="score every decoder layer: IGIA from T early LoRA steps, or a baseline method",
+                       epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(s)
-    s.add_argument("--method", default="igia",
-                   help="igia (the paper's method, default here), igia_guarded (IGIA among the layers block influence "
-                   "lets go; needs --prune; the default of `gradpruner run`), other IGIA variants, igia_norm, full_grad, "
-                   "block_influence, removal_loss, taylor, removal_taylor, magnitude, last_n, random or laco; see docs/methods.md")
-    s.add_argument("--adapter", default="lora", help="adapter whose gradients IGIA reads: lora (default) or dora")
-    s.add_argument("--calib-examples", type=int, default=64, help="task examples for block_influence, taylor, laco")
-    s.add_argument("--prune", type=int, help="layers to remove (igia_guarded: sizes its guard; laco: when to stop collapsing)")
-    s.add_argument("--laco-group", type=int, default=4, help="laco: layers per collapse (default 4)")
-    s.add_argument("--laco-threshold", type=float, default=0.65, help="laco: minimum cosine similarity (default 0.65)")
-    src = s.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="built-in task name (arc_easy, piqa, hellaswag, winogrande, medmcqa, pubmedqa, fingpt_sentiment, billsum)")
-    src.add_argument("--data", help='JSONL file of {"prompt","completion"} or {"text"} lines')
-    s.add_argument("--data-dir", help="folder of the task data (default: $GRADPRUNER_DATA_DIR or ../shared/data)")
-    s.add_argument("--steps", type=int, default=40, help="optimizer steps T to capture (default 40, minimum 2)")
-    s.add_argument("--steps-fraction", type=float, help="T as a fraction of --planned-steps (floor 8), e.g. 0.01")
-    s.add_argument("--planned-steps", type=int, help="optimizer steps of the planned fine-tuning run")
-    s.add_argument("--rank", type=int, default=8)
-    s.add_argument("--alpha", type=float, default=32)
-    s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step (the global batch, split "
-                   "over the processes of torchrun / accelerate launch)")
-    s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    s.add_argument("--max-length", type=int, default=512, help="tokens per example (prompt truncated from the left)")
-    s.add_argument("--lora-dropout", type=float, default=0.0)
-    s.add_argument("--max-grad-norm", type=float, default=0.0, help="clip gradients (0 = off, so raw gradients are scored)")
+    _add_data(s, required=True)
+    s.add_argument("--prune", type=int, help="layers the plan will remove: sizes the guard of igia_guarded and tells "
+                   f"laco when to stop (default {DEFAULT_PRUNE}, the plan's default)")
+    add_options(s, ScoreConfig)
     s.add_argument("--seed", type=int, default=0)
     _add_out(s, "folder for scores.json, igia.safetensors and layer_scores.png")
 
     p = sub.add_parser("plan", help="choose layers to drop and merge from scores.json (plan.json)")
     p.add_argument("--scores", required=True, help="scores.json written by `gradpruner score`")
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--prune", type=int, help="number N of decoder layers to remove (merged ones included)")
-    how.add_argument("--target-params", type=float, help="fraction of the model's parameters to remove, e.g. 0.4")
-    p.add_argument("--merge", type=int, default=0, help="how many of the removed layers to merge (M ≤ N)")
-    p.add_argument("--rule", help="default: the scores' own method; for IGIA scores also igia or igia_norm (authors' release)")
-    p.add_argument("--granularity", default="layer", help="layer (default) or hidden: drop the same parameters as "
-                   "residual-stream dimensions ranked by IGIA (paper Appendix D)")
-    p.add_argument("--protect-last", type=int, default=0, help="never remove the last K layers (default 0)")
-    p.add_argument("--max-block", type=int, help="never remove more than K consecutive layers (default: no limit)")
+    add_options(p, PlanConfig)
+    p.set_defaults(prune=None)  # so that --target-params alone is not mixed with the default count
     _add_out(p, "plan.json to write")
 
     r = sub.add_parser("prune", help="merge and remove layers per plan.json; save a standard checkpoint")
     _add_model(r)
     r.add_argument("--plan", required=True, help="plan.json (from `gradpruner plan` or written by hand)")
     r.add_argument("--igia", help="igia.safetensors (default: beside the plan's scores file)")
-    r.add_argument("--density", type=float, default=0.2, help="fraction p of a merged module's entries kept (default 0.2)")
-    mem = r.add_mutually_exclusive_group()
-    mem.add_argument("--out-of-core", dest="out_of_core", action="store_true", default=None,
-                     help="stream the safetensors shards without loading the model (the default whenever the input "
-                          "allows it); fail if it does not")
-    mem.add_argument("--in-memory", dest="out_of_core", action="store_false", help="load the whole model instead")
-    r.add_argument("--max-shard-size", default="2GB", help="largest output shard when streaming (default 2GB)")
-    r.add_argument("--merge-rule", default="sign_sum", help="sign_sum (default, paper Eq. 5), sign_mean (Eq. 6), fisher (App. B.2), weighted_average "
-                   "(Fig. 7), ties, laco or none; see docs/merge_rules.md")
+    add_options(r, PruneConfig)
+    r.add_argument("--in-memory", dest="out_of_core", action="store_false", help="load the whole model (= --no-out-of-core)")
     _add_out(r, "folder for the pruned checkpoint")
 
     f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the task: LoRA merged into the weights, or full")
     _add_model(f)
-    fsrc = f.add_mutually_exclusive_group(required=True)
-    fsrc.add_argument("--task")
-    fsrc.add_argument("--data")
-    f.add_argument("--data-dir")
-    f.add_argument("--mode", default="lora", help="lora (adapters merged into the saved weights) or full")
-    f.add_argument("--lr", type=float, help="default 2e-4 for lora, 1e-5 for full")
-    f.add_argument("--epochs", type=float, default=3.0, help="the paper's 3 (ignored with --max-steps)")
-    f.add_argument("--max-steps", type=int)
-    f.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step, over all processes")
-    f.add_argument("--grad-accum", type=int, default=1)
-    f.add_argument("--max-length", type=int, default=512)
-    f.add_argument("--rank", type=int, default=8)
-    f.add_argument("--alpha", type=float, default=32)
-    f.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default 0.05; 0 makes runs on "
-                   "1 and N processes give the same weights)")
-    f.add_argument("--save-steps", type=int, default=50, help="checkpoint every N optimizer steps")
-    f.add_argument("--limit", type=int, help="train on the first K examples only")
-    f.add_argument("--seed", type=int, default=0)
+    _add_data(f, required=True)
+    add_options(f, FinetuneConfig)
     f.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT.checkpoints/")
     _add_out(f, "folder for the fine-tuned checkpoint")
 
@@ -113,13 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(e)
     e.add_argument("--task", help="built-in task; with --data, a file of that task's own rows")
     e.add_argument("--data", help="JSONL to evaluate (prompt/completion lines, or the task's rows with --task)")
-    e.add_argument("--data-dir")
-    e.add_argument("--limit", type=int, help="evaluate the first K items only")
-    e.add_argument("--offset", type=int, default=0, help="skip the first N items (a validation slice apart from the test one)")
-    e.add_argument("--metric", help="primary metric (default: the task's own)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-new-tokens", type=int, help="generation length for generative tasks")
-    e.add_argument("--bertscore-encoder", help="local encoder folder for BERTScore (default: the packaged MiniLM)")
+    e.add_argument("--data-dir", help=DATA_DIR_HELP)
+    add_options(e, EvalConfig)
     e.add_argument("--train-data", help="your training JSONL: refuse to evaluate on examples that overlap it")
     e.add_argument("--seed", type=int, default=0, help="seed of the deterministic task split")
     e.add_argument("--details", action="store_true", help="keep per-item results in --out")
@@ -131,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.max_steps=50")
 
     c = sub.add_parser("compare", help="a grid of runs (methods × tasks or an ablation) and its comparison table")
-    c.add_argument("config", help="compare config, e.g. configs/compare_methods.yaml (see docs/commands.md#compare)")
+    c.add_argument("config", help="compare config, e.g. experiments/methods_and_ablations/compare_methods.yaml (see docs/commands.md#compare)")
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     c.add_argument("--dry-run", action="store_true", help="validate the grid and list its cells, run nothing")
     c.add_argument("--table-only", action="store_true", help="rewrite the table from the cells finished so far, run nothing")
@@ -176,14 +146,9 @@ def _run(args) -> int:
 
     if args.command == "score":
         res = api.score(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir,
-                        method=args.method, adapter=args.adapter, calib_examples=args.calib_examples,
-                        target=args.prune, options={"laco_group": args.laco_group, "laco_threshold": args.laco_threshold},
-                        steps=args.steps,
-                        steps_fraction=args.steps_fraction, planned_steps=args.planned_steps, rank=args.rank,
-                        alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                        max_length=args.max_length, seed=args.seed, lora_dropout=args.lora_dropout,
-                        max_grad_norm=args.max_grad_norm, overwrite=args.overwrite,
-                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                        config=from_args(ScoreConfig, args), seed=args.seed, target=args.prune,
+                        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                        allow_pickle=args.allow_pickle)
         from gradpruner.report.plots import score_bars
 
         print(score_bars(res["layer_scores"]))
@@ -193,35 +158,29 @@ def _run(args) -> int:
     elif args.command == "plan":
         from gradpruner.planning.plans import plan_summary
 
-        res = api.plan(args.scores, args.out, prune=args.prune, target_params=args.target_params, merge=args.merge,
-                       rule=args.rule, granularity=args.granularity, protect_last=args.protect_last,
-                       max_block=args.max_block, overwrite=args.overwrite)
+        given = vars(from_args(PlanConfig, args))
+        if given["prune"] is None:  # not given: the API applies the default count unless target_params is given
+            del given["prune"]
+        res = api.plan(args.scores, args.out, overwrite=args.overwrite, **given)
         print(plan_summary(res))
         print(f"wrote {args.out}")
     elif args.command == "prune":
-        api.prune(args.model, args.plan, args.out, igia=args.igia, density=args.density, merge_rule=args.merge_rule,
-                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-                  out_of_core=args.out_of_core, max_shard_size=args.max_shard_size)
+        api.prune(args.model, args.plan, args.out, igia=args.igia, config=from_args(PruneConfig, args),
+                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         print(f"wrote {args.out}")
     elif args.command == "finetune":
-        from gradpruner.finetuning.finetune import FinetuneConfig, finetune
+        from gradpruner.finetuning.finetune import finetune
 
-        cfg = FinetuneConfig(mode=args.mode, lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
-                             batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-                             rank=args.rank, alpha=args.alpha, lora_dropout=args.lora_dropout,
-                             save_steps=args.save_steps, limit=args.limit,
-                             seed=args.seed)
-        rec = finetune(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir, config=cfg,
-                       resume=args.resume, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                       allow_pickle=args.allow_pickle)
+        rec = finetune(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir,
+                       config=from_args(FinetuneConfig, args), resume=args.resume, overwrite=args.overwrite,
+                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         print(f"wrote {args.out} ({rec['optimizer_steps']} optimizer steps, {rec['wall_seconds']:.0f} s, "
               f"final loss {rec['final_loss']:.4f})")
     elif args.command == "eval":
         from gradpruner.evaluation.evaluate import evaluate
 
-        res = evaluate(args.model, task=args.task, data=args.data, data_dir=args.data_dir, limit=args.limit,
-                       offset=args.offset, metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       encoder=args.bertscore_encoder, train_data=args.train_data, seed=args.seed,
+        res = evaluate(args.model, task=args.task, data=args.data, data_dir=args.data_dir,
+                       config=from_args(EvalConfig, args), train_data=args.train_data, seed=args.seed,
                        details=args.details, out=args.out, overwrite=args.overwrite,
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         extra = ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items() if isinstance(v, (int, float)))

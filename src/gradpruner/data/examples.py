@@ -25,13 +25,26 @@ _MAX_REPORTED = 10  # bad lines listed one by one before "and N more"
 # shorter (the longest line of the eight tasks' files is 21 kB), and a model reads at most
 # --max-length tokens of one anyway. It bounds the memory and time a malformed file can cost.
 MAX_LINE_BYTES = 4 * 2**20
-_DIR_HINT = ("pass the folder holding the offline datasets with --data-dir (or set GRADPRUNER_DATA_DIR), "
+_DIR_HINT = ("pass the folder holding the task's files with --data-dir DIR (or set GRADPRUNER_DATA_DIR), "
              "or --data-dir hub to read the task from the Hugging Face Hub")
 HUB = "hub"  # --data-dir value that reads tasks from the Hub
+DATA_DIR_ENV = "GRADPRUNER_DATA_DIR"
+# Files that ship inside the package (see files/README.md), so a fresh install runs the demo task
+# with nothing beside it. Same layout as a --data-dir folder.
+PACKAGED_DATA = Path(__file__).resolve().parent / "files"
 _GENERIC_FORMAT = 'each line must be {"prompt": "...", "completion": "..."} or {"text": "..."}'
 
 
-from gradpruner.data.tasks import HUB_SOURCES, TASKS, Example, TaskSpec, _json_type, _RowError, _str, split_indices  # noqa: F401 (re-exported)
+from gradpruner.data.tasks import (  # noqa: F401 (re-exported)
+    HUB_SOURCES,
+    TASKS,
+    Example,
+    RowError,
+    TaskSpec,
+    json_type,
+    split_indices,
+    string_field,
+)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -82,11 +95,11 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
     except json.JSONDecodeError as e:
         return None, f"is not valid JSON ({e.msg} at column {e.colno}); write one JSON object per line"
     if not isinstance(row, dict):
-        return None, f"is a JSON {_json_type(row)}, not an object; write one JSON object per line"
+        return None, f"is a JSON {json_type(row)}, not an object; write one JSON object per line"
     return row, None
 
 
-def _convert_file(path: Path, convert: Callable[[dict], object], fix: str) -> list:
+def convert_file(path: Path, convert: Callable[[dict], object], fix: str) -> list:
     """Read ``path`` and convert every row, raising one error that lists all bad lines.
 
     ``convert`` usually makes an ``Example`` (then an empty completion is a bad line too); evaluation
@@ -98,7 +111,7 @@ def _convert_file(path: Path, convert: Callable[[dict], object], fix: str) -> li
         try:
             example = convert(row)
             if isinstance(example, Example) and not example.completion.strip():
-                raise _RowError("has an empty completion")
+                raise RowError("has an empty completion")
         except (ValueError, LookupError, TypeError, AttributeError) as e:
             why = f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
             problems.append(f"{path} line {lineno} {why}; {fix}.")
@@ -121,20 +134,20 @@ def _raise_problems(path: Path, problems: list[str]):
 def _generic_row(row: dict) -> Example:
     if "prompt" in row or "completion" in row:
         if "text" in row:
-            raise _RowError("has both 'text' and 'prompt'/'completion' keys")
+            raise RowError("has both 'text' and 'prompt'/'completion' keys")
         missing = [k for k in ("prompt", "completion") if k not in row]
         if missing:
-            raise _RowError(f"lacks the key {missing[0]!r}")
-        return Example(_str(row, "prompt"), _str(row, "completion"))
+            raise RowError(f"lacks the key {missing[0]!r}")
+        return Example(string_field(row, "prompt"), string_field(row, "completion"))
     if "text" in row:
-        text = _str(row, "text")
+        text = string_field(row, "text")
         if not text.strip():
-            raise _RowError("has an empty 'text'")
+            raise RowError("has an empty 'text'")
         return Example("", text)
-    raise _RowError("has neither 'prompt'/'completion' nor 'text' keys")
+    raise RowError("has neither 'prompt'/'completion' nor 'text' keys")
 
 
-def _require_file(path: Path, what: str, hint: str) -> None:
+def require_file(path: Path, what: str, hint: str) -> None:
     if not path.is_file():
         kind = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise GradPrunerError(f"{what} {path} {kind}; {hint}.")
@@ -146,31 +159,42 @@ def load_jsonl(path: str | Path) -> list[Example]:
     Extra keys are ignored.  All malformed lines are reported together in one GradPrunerError.
     """
     path = Path(path)
-    _require_file(path, "Data file", "pass the path of an existing JSONL file with --data")
-    return _convert_file(path, _generic_row, _GENERIC_FORMAT)
+    require_file(path, "Data file", "pass the path of an existing JSONL file with --data")
+    return convert_file(path, _generic_row, _GENERIC_FORMAT)
 
 
 # ------------------------------------------------------------------------------------ loading
-def default_data_dir() -> Path | None:
-    """$GRADPRUNER_DATA_DIR if set, else the first existing ../shared/data (from cwd, then repo)."""
-    env = os.environ.get("GRADPRUNER_DATA_DIR")
+def default_data_dir(task: str | None = None) -> Path | None:
+    """Where task files are read from when no --data-dir is given.
+
+    $GRADPRUNER_DATA_DIR if set; else, for a task whose files ship with the package (ARC-Easy),
+    the packaged folder; else None (then the caller asks for --data-dir).
+    """
+    env = os.environ.get(DATA_DIR_ENV)
     if env:
         return Path(env)
-    repo_root = Path(__file__).resolve().parents[2]  # src/gradpruner/data.py -> repo
-    for candidate in (Path.cwd() / ".." / "shared" / "data", repo_root / ".." / "shared" / "data"):
-        if candidate.is_dir():
-            return candidate.resolve()
+    if task is not None and task in TASKS and packaged(task):
+        return PACKAGED_DATA
     return None
 
 
-def _check_split(split: str) -> None:
+def packaged(task: str) -> bool:
+    """Whether every file of ``task`` ships inside the package."""
+    spec = TASKS[task]
+    return all((PACKAGED_DATA / rel).is_file() for rel in spec.train_files + spec.eval_files)
+
+
+def check_split(split: str) -> None:
     if split not in SPLITS:
         raise did_you_mean(split, SPLITS, "split")
 
 
 def load_task(name: str, split: str = "train", data_dir: str | Path | None = None,
               seed: int = 0) -> list[Example]:
-    """The ``split`` ("train" or "eval") of a registered task, read from ``data_dir``.
+    """The ``split`` ("train" or "eval") of a registered task.
+
+    ``data_dir`` is a folder of task files, ``"hub"`` (the Hugging Face Hub) or None: then
+    $GRADPRUNER_DATA_DIR, else the files packaged with gradpruner for the tasks that ship (ARC-Easy).
 
     ``seed`` only matters for tasks without an official split (``TaskSpec.split`` says which):
     train and eval are then disjoint parts of one file, and the same seed always gives the same parts.
@@ -186,17 +210,21 @@ def load_task_rows(name: str, split: str, convert: Callable[[dict], object],
     The rows and their order are exactly those ``load_task`` turns into examples.
     """
     spec: TaskSpec = lookup(TASKS, name, "task")
-    _check_split(split)
-    root = Path(data_dir) if data_dir not in (None, HUB) else default_data_dir()
-    if data_dir == HUB or root is None:
+    check_split(split)
+    if data_dir == HUB:
         return [_convert_hub_row(name, i, row, convert) for i, row in enumerate(_hub_rows(name, split, seed))]
+    root = Path(data_dir) if data_dir is not None else default_data_dir(name)
+    if root is None:
+        raise GradPrunerError(f"No data folder for task {name!r}: its files do not ship with gradpruner; "
+                              f"pass the folder holding them with --data-dir DIR (or set {DATA_DIR_ENV}), "
+                              "or --data-dir hub to read the task from the Hugging Face Hub.")
     if not root.is_dir():
         raise GradPrunerError(f"Data directory {root} does not exist; {_DIR_HINT}.")
     files = spec.eval_files if (split == "eval" and spec.eval_files) else spec.train_files
     examples: list = []
     for rel in files:
-        _require_file(root / rel, f"Task file for {name!r}", _DIR_HINT)
-        examples.extend(_convert_file(root / rel, convert, task_fix(name)))
+        require_file(root / rel, f"Task file for {name!r}", _DIR_HINT)
+        examples.extend(convert_file(root / rel, convert, task_fix(name)))
     if spec.eval_files:
         return examples
     train_idx, eval_idx = split_indices(len(examples), seed, spec.eval_fraction)
@@ -209,8 +237,9 @@ def _hub_rows(name: str, split: str, seed: int) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise GradPrunerError(f"Task {name!r}: no data directory was found and the `datasets` package is not "
-                              f"installed to read it from the Hub; {_DIR_HINT}.") from None
+        raise GradPrunerError(f"Task {name!r}: reading it from the Hub needs the `datasets` package, which is "
+                              "not installed; pip install datasets, or pass the folder holding the task's files "
+                              "with --data-dir DIR.") from None
     hub_split = src.eval if (split == "eval" and src.eval) else src.train
     try:
         rows = [src.adapt(dict(r)) if src.adapt else dict(r) for r in datasets.load_dataset(src.path, src.name, split=hub_split)]
@@ -230,7 +259,7 @@ def _convert_hub_row(name: str, index: int, row: dict, convert):
     except (ValueError, LookupError, TypeError, AttributeError) as e:
         why = f"lacks the field {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
         raise GradPrunerError(f"Hub row {index} of task {name!r} {why}; the Hub dataset may have changed, "
-                              "use --data-dir with the offline files.") from None
+                              "pass --data-dir DIR with the task's JSONL files instead.") from None
 
 
 def task_fix(name: str) -> str:
@@ -247,14 +276,14 @@ def load_examples(task: str | None = None, data: str | Path | None = None, split
     """
     if (task is None) == (data is None):
         raise GradPrunerError("Give exactly one of a task name (--task) or a JSONL file (--data).")
-    _check_split(split)
+    check_split(split)
     if task is not None:
         return load_task(task, split, data_dir=data_dir, seed=seed)
     return load_jsonl(data)
 
 
 # ------------------------------------------------------------------------------- tokenisation
-def _special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer) -> list[int]:
     """The ids the tokenizer puts *before* text with add_special_tokens=True (usually [BOS] or []).
 
     Only the prefix is kept: a tokenizer that also appends EOS/SEP would otherwise put it between
@@ -269,7 +298,7 @@ def _special_prefix(tokenizer) -> list[int]:
     return [bos] if with_special[:1] == [bos] and bos is not None else []
 
 
-def _fit(prefix: list[int], body: list[int], completion: list[int],
+def fit_to_length(prefix: list[int], body: list[int], completion: list[int],
          max_length: int) -> tuple[list[int], list[int]]:
     """Prompt and completion ids cut to at most ``max_length`` together.
 
@@ -286,7 +315,7 @@ def _fit(prefix: list[int], body: list[int], completion: list[int],
     return prefix + body[len(body) - min(keep, len(body)):], completion
 
 
-def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     # verbose=False: long prompts are expected here (we truncate ourselves), so skip the warning.
@@ -302,14 +331,14 @@ def tokenize(examples: list[Example], tokenizer, max_length: int = 512) -> list[
     """
     if not isinstance(max_length, int) or max_length < 1:
         raise GradPrunerError(f"max_length {max_length!r} must be a positive integer; pass e.g. 512.")
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     suffix = [eos] if eos is not None else []
-    prompts = _ids(tokenizer, [ex.prompt for ex in examples])
-    completions = _ids(tokenizer, [ex.completion for ex in examples])
+    prompts = token_ids(tokenizer, [ex.prompt for ex in examples])
+    completions = token_ids(tokenizer, [ex.completion for ex in examples])
     out, dropped = [], 0
     for body, comp in zip(prompts, completions):
-        prompt_ids, comp_ids = _fit(prefix, list(body), list(comp) + suffix, max_length)
+        prompt_ids, comp_ids = fit_to_length(prefix, list(body), list(comp) + suffix, max_length)
         if not comp_ids:
             dropped += 1
             continue

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from gradpruner.errors import GradPrunerError
 
 KINDS = ("multiple_choice", "generative", "classification")
-# Tasks without an offline training split are split with this fixed seed by every stage (scoring,
+# Tasks whose files hold no training split are split with this fixed seed by every stage (scoring,
 # fine-tuning, evaluation), so a run's --seed never moves an evaluation example into training.
 SPLIT_SEED = 0
 _JSON_TYPES = {str: "string", bool: "boolean", int: "number", float: "number", list: "array",
                dict: "object", type(None): "null"}
 
 
-def _json_type(value) -> str:
+def json_type(value) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 @dataclass(frozen=True)
@@ -41,22 +41,22 @@ class Example:
     completion: str
 
 
-class _RowError(ValueError):
+class RowError(ValueError):
     """A row that parsed as JSON but does not have the fields a format needs."""
 
 
-def _str(row: dict, key: str) -> str:
+def string_field(row: dict, key: str) -> str:
     # Explicit type checks: an f-string would silently turn null into "None" and train on it.
-    value = row[key]  # KeyError -> "lacks the field" in _convert_file
+    value = row[key]  # KeyError -> "lacks the field" in examples.convert_file
     if not isinstance(value, str):
-        raise _RowError(f"has field {key!r} of type {_json_type(value)}, expected a string")
+        raise RowError(f"has field {key!r} of type {json_type(value)}, expected a string")
     return value
 
 
 def _strs(row: dict, key: str) -> list[str]:
     value = row[key]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _RowError(f"has field {key!r} that is not a list of strings")
+        raise RowError(f"has field {key!r} that is not a list of strings")
     return value
 
 
@@ -65,7 +65,7 @@ def _index(value, n: int, field: str) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
-        raise _RowError(f"has {field} {value!r}, expected an index from 0 to {n - 1}")
+        raise RowError(f"has {field} {value!r}, expected an index from 0 to {n - 1}")
     return value
 
 
@@ -111,21 +111,21 @@ def _arc_choices(row: dict) -> MCItem:
     # lm-eval arc_easy.yaml: "Question: {{question}}\nAnswer:", choices.text, choices.label.index(answerKey)
     choices = row.get("choices")
     if not isinstance(choices, dict):
-        raise _RowError("lacks the object field 'choices'")
-    texts, labels, key = _strs(choices, "text"), _strs(choices, "label"), _str(row, "answerKey")
+        raise RowError("lacks the object field 'choices'")
+    texts, labels, key = _strs(choices, "text"), _strs(choices, "label"), string_field(row, "answerKey")
     # answerKey is a letter ("A".."E") for most rows but a digit ("1".."5") for some; the labels
     # list always uses the same alphabet, so look it up there rather than converting.
     if len(texts) != len(labels):
-        raise _RowError("has different numbers of choice texts and labels")
+        raise RowError("has different numbers of choice texts and labels")
     if key not in labels:
-        raise _RowError(f"has answerKey {key!r} that is not one of its choice labels {labels}")
-    return _mc(f"Question: {_str(row, 'question')}\nAnswer:", texts, labels.index(key))
+        raise RowError(f"has answerKey {key!r} that is not one of its choice labels {labels}")
+    return _mc(f"Question: {string_field(row, 'question')}\nAnswer:", texts, labels.index(key))
 
 
 def _piqa_choices(row: dict) -> MCItem:
     # lm-eval piqa.yaml: "Question: {{goal}}\nAnswer:", [sol1, sol2], label
-    choices = [_str(row, "sol1"), _str(row, "sol2")]
-    return _mc(f"Question: {_str(row, 'goal')}\nAnswer:", choices, _index(row.get("label"), 2, "label"))
+    choices = [string_field(row, "sol1"), string_field(row, "sol2")]
+    return _mc(f"Question: {string_field(row, 'goal')}\nAnswer:", choices, _index(row.get("label"), 2, "label"))
 
 
 def _hellaswag_preprocess(text: str) -> str:
@@ -137,30 +137,30 @@ def _hellaswag_preprocess(text: str) -> str:
 
 def _hellaswag_choices(row: dict) -> MCItem:
     # lm-eval hellaswag/utils.py process_docs: query, choices (preprocessed endings), gold = int(label)
-    ctx = _str(row, "ctx_a") + " " + _str(row, "ctx_b").capitalize()
+    ctx = string_field(row, "ctx_a") + " " + string_field(row, "ctx_b").capitalize()
     endings = _strs(row, "endings")
     gold = _index(row.get("label"), len(endings), "label")
-    query = _hellaswag_preprocess(_str(row, "activity_label") + ": " + ctx)
+    query = _hellaswag_preprocess(string_field(row, "activity_label") + ": " + ctx)
     return _mc(query, [_hellaswag_preprocess(e) for e in endings], gold)
 
 
 def _winogrande_choices(row: dict) -> MCItem:
     # lm-eval winogrande/preprocess_winogrande.py: the contexts are the sentence up to the blank with
     # each option filled in, the shared continuation is the rest of the sentence.
-    sentence, answer = _str(row, "sentence"), _str(row, "answer")
+    sentence, answer = string_field(row, "sentence"), string_field(row, "answer")
     if "_" not in sentence or answer not in ("1", "2"):
-        raise _RowError("needs a '_' blank in 'sentence' and an 'answer' of \"1\" or \"2\"")
+        raise RowError("needs a '_' blank in 'sentence' and an 'answer' of \"1\" or \"2\"")
     idx = sentence.index("_")
-    contexts = tuple(sentence[:idx] + _str(row, k) for k in ("option1", "option2"))
+    contexts = tuple(sentence[:idx] + string_field(row, k) for k in ("option1", "option2"))
     rest = _DELIM + sentence[idx + 1:].strip()
     return MCItem(contexts, (rest, rest), contexts, int(answer) - 1)
 
 
 def _medmcqa_choices(row: dict) -> MCItem:
     # lm-eval medmcqa/utils_medmcqa.py doc_to_text; choices A-D; target cop
-    options = [_str(row, k) for k in ("opa", "opb", "opc", "opd")]
+    options = [string_field(row, k) for k in ("opa", "opb", "opc", "opd")]
     lines = "".join(f"{letter}. {text}\n" for letter, text in zip("ABCD", options))
-    prompt = f"Question: {_str(row, 'question')}\nChoices:\n{lines}Answer:"
+    prompt = f"Question: {string_field(row, 'question')}\nChoices:\n{lines}Answer:"
     return _mc(prompt, list("ABCD"), _index(row.get("cop"), 4, "cop"))
 
 
@@ -174,20 +174,20 @@ def _from_choices(to_choices: Callable[[dict], MCItem]) -> Callable[[dict], Exam
 def _pubmedqa_prompt(row: dict) -> str:
     # lm-eval pubmedqa preprocess: the abstract's sections joined with newlines.
     abstract = "\n".join(_strs(row, "CONTEXTS"))
-    return f"Abstract: {abstract}\nQuestion: {_str(row, 'QUESTION')}\nAnswer:"
+    return f"Abstract: {abstract}\nQuestion: {string_field(row, 'QUESTION')}\nAnswer:"
 
 
 def _pubmedqa(row: dict) -> Example:
     # The completion starts with the decision (" yes"/" no"/" maybe", what lm-eval scores) and goes on
     # to the long answer.
-    return Example(_pubmedqa_prompt(row), f" {_str(row, 'final_decision')}. {_str(row, 'LONG_ANSWER')}")
+    return Example(_pubmedqa_prompt(row), f" {string_field(row, 'final_decision')}. {string_field(row, 'LONG_ANSWER')}")
 
 
 def _pubmedqa_generation(row: dict) -> GenItem:
-    decision = _str(row, "final_decision").strip().lower()
+    decision = string_field(row, "final_decision").strip().lower()
     if decision not in PUBMEDQA_DECISIONS:
-        raise _RowError(f"has final_decision {decision!r}, expected one of yes/no/maybe")
-    return GenItem(_pubmedqa_prompt(row), _str(row, "LONG_ANSWER"), decision)
+        raise RowError(f"has final_decision {decision!r}, expected one of yes/no/maybe")
+    return GenItem(_pubmedqa_prompt(row), string_field(row, "LONG_ANSWER"), decision)
 
 
 def _after_decision(text: str) -> str:
@@ -197,30 +197,30 @@ def _after_decision(text: str) -> str:
 
 
 def _fingpt_prompt(row: dict) -> str:
-    return f"Instruction: {_str(row, 'instruction')}\nInput: {_str(row, 'input')}\nAnswer:"
+    return f"Instruction: {string_field(row, 'instruction')}\nInput: {string_field(row, 'input')}\nAnswer:"
 
 
 def _fingpt(row: dict) -> Example:
-    return Example(_fingpt_prompt(row), " " + _str(row, "output"))
+    return Example(_fingpt_prompt(row), " " + string_field(row, "output"))
 
 
 def _fingpt_generation(row: dict) -> GenItem:
-    label = _str(row, "output").strip().lower()
+    label = string_field(row, "output").strip().lower()
     if label not in SENTIMENT_LABELS:
-        raise _RowError(f"has output {label!r}, expected one of {'/'.join(SENTIMENT_LABELS)}")
-    return GenItem(_fingpt_prompt(row), _str(row, "output"), label)
+        raise RowError(f"has output {label!r}, expected one of {'/'.join(SENTIMENT_LABELS)}")
+    return GenItem(_fingpt_prompt(row), string_field(row, "output"), label)
 
 
 def _billsum_prompt(row: dict) -> str:
-    return f"Summarize the following bill.\n\n{_str(row, 'text')}\n\nSummary:"
+    return f"Summarize the following bill.\n\n{string_field(row, 'text')}\n\nSummary:"
 
 
 def _billsum(row: dict) -> Example:
-    return Example(_billsum_prompt(row), " " + _str(row, "summary"))
+    return Example(_billsum_prompt(row), " " + string_field(row, "summary"))
 
 
 def _billsum_generation(row: dict) -> GenItem:
-    return GenItem(_billsum_prompt(row), _str(row, "summary"))
+    return GenItem(_billsum_prompt(row), string_field(row, "summary"))
 
 
 PUBMEDQA_DECISIONS = ("yes", "no", "maybe")
@@ -271,7 +271,7 @@ TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
         _mc_task("arc_easy", _arc_choices, ("arc_easy/train.jsonl",), ("arc_easy/validation.jsonl",)),
-        # No training split offline: one file, split by split_indices.
+        # One file each, no training split of its own: split by split_indices.
         _mc_task("piqa", _piqa_choices, ("piqa/validation_part.jsonl",)),
         _mc_task("hellaswag", _hellaswag_choices, ("hellaswag/validation_part.jsonl",)),
         # lm-eval reports acc only for winogrande (its "choices" are the two filled-in contexts).
@@ -300,7 +300,7 @@ class HubSource:
     """Where a user with the network finds a task on the Hugging Face Hub.
 
     ``eval`` None means the Hub has no held-out split we use, so ``train`` is split deterministically;
-    ``adapt`` renames a Hub row's fields to those of the offline files, so one converter serves both.
+    ``adapt`` renames a Hub row's fields to those of the JSONL files, so one converter serves both.
     """
 
     path: str

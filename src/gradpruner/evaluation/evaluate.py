@@ -27,12 +27,25 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria
 
-from gradpruner.evaluation import metrics as M
-from gradpruner.data.examples import (_check_split, _convert_file, _fit, _ids, _require_file, _special_prefix, load_jsonl, load_task,
-                   load_task_rows, task_fix, tokenize)
-from gradpruner.errors import Collect, GradPrunerError, lookup
-from gradpruner.evaluation.loglik import model_max_length, score_choices
+from gradpruner.data.examples import (
+    check_split,
+    convert_file,
+    fit_to_length,
+    load_jsonl,
+    load_task,
+    load_task_rows,
+    require_file,
+    special_prefix,
+    task_fix,
+    token_ids,
+    tokenize,
+)
 from gradpruner.data.tasks import TASKS, Example, GenItem, MCItem, TaskSpec
+from gradpruner.errors import Collect, GradPrunerError, lookup
+from gradpruner.evaluation import metrics as M
+from gradpruner.evaluation.config import EvalConfig
+from gradpruner.evaluation.loglik import model_max_length, score_choices
+from gradpruner.util import options
 
 PROMPTS = "lm-evaluation-harness prompts of the same name, zero-shot, target delimiter ' '"
 
@@ -98,8 +111,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     if room < 1:
         raise GradPrunerError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the model's "
                               "context; choose fewer new tokens.")
-    prefix = _special_prefix(tokenizer)
-    inputs = [_fit(prefix, list(body), [], room)[0] for body in _ids(tokenizer, prompts)]
+    prefix = special_prefix(tokenizer)
+    inputs = [fit_to_length(prefix, list(body), [], room)[0] for body in token_ids(tokenizer, prompts)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad,
                               eos_token_id=tokenizer.eos_token_id)
@@ -174,8 +187,8 @@ def _load(task, data, split, data_dir, seed, guard) -> tuple[list, int, str]:
     spec: TaskSpec = lookup(TASKS, task, "task")
     if data is not None:  # the user's own file of this task's rows
         path = Path(data)
-        _require_file(path, "Data file", f"pass a JSONL file of {task} rows with --data")
-        return _convert_file(path, _eval_converter(spec), task_fix(task)), 0, str(path)
+        require_file(path, "Data file", f"pass a JSONL file of {task} rows with --data")
+        return convert_file(path, _eval_converter(spec), task_fix(task)), 0, str(path)
     if split == "train" and guard:
         raise GradPrunerError(f"Evaluating on the train split of {task} measures training data, not held-out "
                               "performance; use the eval split (or turn the guard off in the API).")
@@ -191,7 +204,7 @@ def _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, sp
     """The primary metric's name, after checking every argument a user can get wrong."""
     if task is None and data is None:
         raise GradPrunerError("Give a task name (--task) or a JSONL file (--data) to evaluate on.")
-    _check_split(split)
+    check_split(split)
     for name, value in (("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise GradPrunerError(f"{name} {value!r} must be a positive whole number.")
@@ -212,13 +225,11 @@ def _mean(values: list[float]) -> float:
 
 # ---------------------------------------------------------------------------------- evaluate
 def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.PathLike | None = None,
-             split: str = "eval", limit: int | None = None, offset: int = 0, data_dir: str | os.PathLike | None = None,
-             seed: int = 0, batch_size: int = 8, metric: str | None = None,
-             encoder: str | os.PathLike | None = None, train_data: str | os.PathLike | None = None,
-             train_examples_guard: bool = True, max_new_tokens: int | None = None,
-             max_length: int = 2048, details: bool = False, progress: bool = True,
+             split: str = "eval", data_dir: str | os.PathLike | None = None, seed: int = 0,
+             config: EvalConfig | None = None, train_data: str | os.PathLike | None = None,
+             train_examples_guard: bool = True, details: bool = False, progress: bool = True,
              out: str | os.PathLike | None = None, overwrite: bool = False,
-             trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+             trust_remote_code: bool = False, allow_pickle: bool = False, **settings) -> dict:
     """Evaluate ``model`` on a task's held-out split, a file of a task's rows, or a prompt/completion file.
 
     ``model`` is a loaded causal LM (then ``tokenizer`` is required) or anything ``resolve_model``
@@ -233,10 +244,21 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     log-likelihoods or generations. ``out`` (checked before any work) receives the result as JSON.
     ``trust_remote_code`` / ``allow_pickle`` apply when ``model`` is loaded here.
 
+    The settings (``limit``, ``offset``, ``batch_size``, ``metric``, ``max_new_tokens``, ``max_length``,
+    ``encoder``) are the fields of ``EvalConfig``: pass ``config`` or any of them as keywords.
+
     Returns {"task", "metric", "value", "n", "metrics", ...} (see docs/commands.md).
     """
+    cfg = options.settings(EvalConfig, config, settings, "evaluation setting")
+    limit, offset, batch_size, metric = cfg.limit, cfg.offset, cfg.batch_size, cfg.metric
+    max_new_tokens, max_length, encoder = cfg.max_new_tokens, cfg.max_length, cfg.encoder
+    from gradpruner.models.loading import (
+        check_model,
+        load_model,
+        load_tokenizer,
+        resolve_model,
+    )
     from gradpruner.util.atomic import check_output
-    from gradpruner.models.loading import check_model, load_model, load_tokenizer, resolve_model
 
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         spec: TaskSpec | None = check(lookup, TASKS, task, "task") if task is not None else None

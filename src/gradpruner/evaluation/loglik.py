@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradpruner.data.tasks import MCItem
+from gradpruner.models.architectures import cache_keyword
 
 _DEFAULT_MAX_LENGTH = 2048  # HFLM's default when neither config nor tokenizer gives one
 
@@ -98,7 +99,7 @@ def score_choices(model, tokenizer, items: Sequence[MCItem], batch_size: int = 8
     max_len = model_max_length(model, tokenizer)
     params = inspect.signature(model.forward).parameters
     takes_keep = "logits_to_keep" in params
-    cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+    cache_kw = cache_keyword(model)
     pad_id = getattr(tokenizer, "pad_token_id", None) or 0
     window = _attention_window(model)
     pairs = [[_truncate(*encode_pair(tokenizer, c, k), max_len) for c, k in zip(it.contexts, it.continuations)]

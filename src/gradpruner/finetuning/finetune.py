@@ -15,64 +15,33 @@ import resource
 import shutil
 import sys
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from gradpruner.models import architectures
-
-from gradpruner.util import distributed
-from gradpruner.util.atomic import atomic_dir, check_output, read_json, write_json
 from gradpruner.data.examples import PadCollator, load_examples, tokenize
-from gradpruner.errors import Collect, GradPrunerError, lookup
-from gradpruner.models.loading import check_model, load_model, load_tokenizer, resolve_model
-from gradpruner.pruning.surgery import save_model
 from gradpruner.data.tasks import SPLIT_SEED
+from gradpruner.errors import Collect, GradPrunerError, lookup
+from gradpruner.finetuning.config import MODES, FinetuneConfig
+from gradpruner.models import architectures
+from gradpruner.models.loading import (
+    check_model,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    save_model,
+)
+from gradpruner.models.lora import attach_lora
+from gradpruner.util import distributed, options
+from gradpruner.util.atomic import atomic_dir, check_output, read_json, write_json
+from gradpruner.util.versions import versions
 
 log = logging.getLogger(__name__)
 
-MODES = {"lora": "LoRA on every decoder-layer linear, merged into the weights after training",
-         "full": "every parameter trained"}
-# The paper uses AdamW at 1e-5 for both modes. LoRA trains a small low-rank update that starts at
-# zero and needs a much larger step to move in the same number of steps, hence 2e-4 (the usual LoRA lr).
-DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 RUN_FILE = "finetune_run.json"  # in the checkpoints folder: what the checkpoints were made with
 _NO_EFFECT = ("save_steps", "logging_steps")  # may change between a run and its resumption
-
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning settings. ``batch_size`` is examples per optimizer step (split over ``grad_accum``)."""
-
-    mode: str = "lora"                 # "lora" or "full"
-    lr: float | None = None            # None: DEFAULT_LR[mode]
-    epochs: float = 3.0                # the paper's 3 epochs
-    max_steps: int | None = None       # optimizer steps; overrides epochs when set
-    batch_size: int = 8                # the paper uses 64; 8 fits small GPUs, raise it (or grad_accum)
-    grad_accum: int = 1
-    max_length: int = 512
-    rank: int = 8                      # LoRA only
-    alpha: float = 32                  # LoRA only
-    lora_dropout: float = 0.05         # LoRA only
-    warmup_ratio: float = 0.03         # fraction of the optimizer steps with linear warmup
-    lr_scheduler: str = "cosine"       # decays to 0 at the end, the common choice for short fine-tuning runs
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0         # 0 turns clipping off
-    seed: int = 0                      # LoRA init, dropout and data order
-    save_steps: int = 50               # checkpoint every N optimizer steps (and at the end)
-    logging_steps: int = 10            # a loss point every N optimizer steps
-    limit: int | None = None           # train on the first K examples only
-    bf16: bool | None = None           # None: bf16 autocast on a GPU that supports it, off on CPU
-    distill_from: str | None = None    # teacher model: add its logits to the loss (see distill.py)
-    distill_alpha: float = 0.5         # weight of the distillation term
-    distill_temperature: float = 1.0
-
-    def resolved(self) -> FinetuneConfig:
-        return dataclasses.replace(self, lr=DEFAULT_LR[self.mode] if self.lr is None else self.lr)
 
 
 def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -158,14 +127,16 @@ def last_checkpoint(ckpt: Path) -> Path | None:
 # --- the run ----------------------------------------------------------------------------------
 
 def finetune(model: str | Path, out: str | Path, task: str | None = None, data: str | Path | None = None,
-             data_dir: str | Path | None = None, config: FinetuneConfig | None = None, resume: bool = False,
+             data_dir: str | Path | None = None, config: FinetuneConfig | None = None, *, resume: bool = False,
              overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
-             allow_pickle: bool = False, callbacks: tuple = ()) -> dict:
+             allow_pickle: bool = False, callbacks: tuple = (), **settings) -> dict:
     """Fine-tune ``model`` on ``task`` or a JSONL ``data`` file and save it to ``out``; returns finetune.json.
 
     ``resume`` continues from the last checkpoint in ``<out>.checkpoints`` (it starts fresh, saying so,
-    when there is none). ``callbacks`` are extra ``TrainerCallback`` objects.
+    when there is none). ``callbacks`` are extra ``TrainerCallback`` objects. The settings are the
+    fields of ``FinetuneConfig``: pass ``config`` or any of them as keywords.
     """
+    config = options.settings(FinetuneConfig, config, settings, "fine-tune setting")
     start = time.monotonic()
     out = Path(out)
     with Collect() as check:  # every problem with the inputs, in one message, before any work
@@ -246,14 +217,9 @@ def _resume_point(ckpt: Path, run: dict) -> Path | None:
 
 
 def _peft_model(base, cfg: FinetuneConfig):
-    from peft import LoraConfig, get_peft_model
-
-    names = architectures.linear_module_names(base)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout, target_modules=names,
-                      bias="none", task_type="CAUSAL_LM")
-    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return get_peft_model(base, lora)
+    """LoRA on every decoder-layer linear module of ``base``, as ``cfg`` says."""
+    return attach_lora(base, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.lora_dropout,
+                       target_modules=architectures.linear_module_names(base))
 
 
 def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
@@ -346,8 +312,6 @@ class StopOnNonFinite(TrainerCallback):
 # --- the record -------------------------------------------------------------------------------
 
 def _record(run: dict, model_spec, trainer, checkpoint, start: float) -> dict:
-    from gradpruner.api import _versions
-
     history = trainer.state.log_history
     curve = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
               "grad_norm": e.get("grad_norm")} for e in history if "loss" in e]
@@ -356,7 +320,7 @@ def _record(run: dict, model_spec, trainer, checkpoint, start: float) -> dict:
             "device": trainer.args.device.type, "bf16_autocast": trainer.args.bf16,
             "train_loss": _mean_loss(curve, _step_of(checkpoint) if checkpoint else 0),
             "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
-            "wall_seconds": round(time.monotonic() - start, 3), **_peak_memory(), "versions": _versions()}
+            "wall_seconds": round(time.monotonic() - start, 3), **_peak_memory(), "versions": versions()}
 
 
 def _mean_loss(curve: list[dict], resumed_at: int) -> float | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import inspect
 import json
 import platform
 import statistics
@@ -27,13 +26,27 @@ from pathlib import Path
 
 import torch
 
-from gradpruner.util.atomic import atomic_dir, check_output, write_json
-from gradpruner.measure.costs import analytic_costs, peak_mb, reset_peak, rss_mb
 from gradpruner.errors import GradPrunerError, lookup
+from gradpruner.measure.costs import (
+    analytic_costs,
+    infer_once,
+    peak_mb,
+    random_ids,
+    reset_peak,
+    rss_mb,
+    sync,
+)
+from gradpruner.models.architectures import linear_module_names
+from gradpruner.models.lora import attach_lora
+from gradpruner.util.atomic import atomic_dir, check_output, write_json
+from gradpruner.util.tables import markdown_table
 
 PARTS = ("inference", "memory", "train")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAIN_MODES = ("lora", "full")
+# The LoRA step is timed with the adapters `gradpruner finetune` trains by default (its rank is --rank);
+# tests/test_bench.py checks these against finetuning.config.FinetuneConfig.
+LORA_ALPHA, LORA_DROPOUT = 32, 0.05
 
 
 def _problems(o: dict) -> list[str]:
@@ -64,34 +77,6 @@ def _device_dtype(device: str, dtype: str) -> tuple[str, str]:
     return device, dtype
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def _ids(vocab: int, batch: int, seq: int, device: str) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(batch * 100003 + seq)
-    return torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-
-
-@torch.no_grad()
-def infer_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill s, decode s): one forward of ``ids`` that fills the KV cache and computes the logits
-    of the last position only (as generation does), then ``new_tokens`` greedy cached steps."""
-    device = str(ids.device)
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x name
-    _sync(device)
-    t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    _sync(device)
-    t1 = time.perf_counter()
-    for _ in range(new_tokens):
-        nxt = out.logits[:, -1:].argmax(-1)
-        out = model(input_ids=nxt, use_cache=True, **{cache_kw: getattr(out, cache_kw)})
-    _sync(device)
-    return t1 - t0, time.perf_counter() - t1
-
-
 @contextlib.contextmanager
 def _trainable(model, mode: str, rank: int):
     """The model to train and its trainable parameters: LoRA adapters as ``gradpruner finetune``
@@ -101,9 +86,8 @@ def _trainable(model, mode: str, rank: int):
             p.requires_grad_(True)
         yield model, list(model.parameters())
         return
-    from gradpruner.finetuning.finetune import FinetuneConfig, _peft_model
-
-    net = _peft_model(model, FinetuneConfig(mode="lora", rank=rank))
+    net = attach_lora(model, rank=rank, alpha=LORA_ALPHA, dropout=LORA_DROPOUT,
+                      target_modules=linear_module_names(model))
     try:
         yield net, [p for p in net.parameters() if p.requires_grad]
     finally:
@@ -119,12 +103,12 @@ def train_session(model, mode: str, ids: torch.Tensor, warmup: int = 1, rank: in
         net.train()
         try:
             for _ in range(max(warmup, 1) + 1):
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 net(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                _sync(device)
+                sync(device)
                 seconds = time.perf_counter() - t0
         finally:
             net.eval()
@@ -171,7 +155,7 @@ def _inference_rows(models: dict, configs: dict, o: dict) -> list[dict]:
     rows, vocab, n = [], min(c.vocab_size for c in configs.values()), o["new_tokens"]
     for b in o["batches"]:
         for s in o["seqs"]:
-            ids = _ids(vocab, b, s, o["device"])
+            ids = random_ids(vocab, b, s, o["device"])
             runs = alternate({k: (lambda m=m: infer_once(m, ids, n)) for k, m in models.items()}, o["reps"], o["warmup"])
             pre = {k: [r[0] for r in v] for k, v in runs.items()}
             dec = {k: [b * n / r[1] for r in v] for k, v in runs.items()}
@@ -189,7 +173,7 @@ def _inference_rows(models: dict, configs: dict, o: dict) -> list[dict]:
 
 def _train_rows(models: dict, configs: dict, o: dict) -> list[dict]:
     b, s = o["train_batch"], o["train_seq"]
-    ids = _ids(min(c.vocab_size for c in configs.values()), b, s, o["device"])
+    ids = random_ids(min(c.vocab_size for c in configs.values()), b, s, o["device"])
     cd, cp = analytic_costs(configs["dense"], s), analytic_costs(configs["pruned"], s)
     f = cp["macs_per_token"] / cd["macs_per_token"]  # fwd + bwd ≈ 3 (full) or 2 (LoRA) × fwd: same ratio
     rows = []
@@ -218,10 +202,10 @@ def child_memory(args: dict) -> dict:
     vocab, res = model.config.vocab_size, {"inference": {}, "train": {}}
     for b, s in args["shapes"]:
         res["method"] = reset_peak(device)
-        infer_once(model, _ids(vocab, b, s, device), args["new_tokens"])
+        infer_once(model, random_ids(vocab, b, s, device), args["new_tokens"])
         res["inference"][f"b{b} s{s}"] = peak_mb(device, base)
     if args["train"]:
-        ids = _ids(vocab, args["train_batch"], args["train_seq"], device)
+        ids = random_ids(vocab, args["train_batch"], args["train_seq"], device)
         for mode in TRAIN_MODES:
             reset_peak(device)
             train_session(model, mode, ids, 1, args["rank"])
@@ -346,14 +330,14 @@ def _fmt(v: float, unit: str) -> str:
 
 def format_table(result: dict) -> str:
     """The rows as a Markdown table: dense, pruned, pruned/dense and the predicted ratio."""
-    lines = ["| group | metric | shape | dense | pruned | pruned/dense | predicted |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    rows = []
     for r in result["rows"]:
         unit = f" ({r['unit']})" if r["unit"] else ""
         pred = "" if r["predicted"] is None else f"{r['predicted']:.3f} ({'FLOPs' if r['basis'] == 'flops' else 'params'})"
-        lines.append(f"| {r['group']} | {r['metric']}{unit} | {r['shape']} | {_fmt(r['dense'], r['unit'])} | "
-                     f"{_fmt(r['pruned'], r['unit'])} | {r['ratio']:.3f} | {pred} |")
-    return "\n".join(lines)
+        rows.append([r["group"], f"{r['metric']}{unit}", r["shape"], _fmt(r["dense"], r["unit"]),
+                     _fmt(r["pruned"], r["unit"]), f"{r['ratio']:.3f}", pred])
+    return markdown_table(["group", "metric", "shape", "dense", "pruned", "pruned/dense", "predicted"], rows,
+                          align="---rrrr")
 
 
 def format_report(result: dict) -> str:

@@ -1,4 +1,5 @@
-"""What a model costs: parameters, FLOPs per token, and the wall time and peak memory of a stage."""
+"""What a model costs: parameters, FLOPs per token, inference latency, and the wall time and peak
+memory of a stage."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradpruner.models.architectures import find_decoder_layers
+from gradpruner.models.architectures import cache_keyword, find_decoder_layers
 
 
 def param_counts(model) -> dict:
@@ -200,29 +201,45 @@ def measure(interval: float = 0.05):
             usage.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
-@torch.no_grad()
-def latency(model, seq: int = 128, batch: int = 1, new_tokens: int = 16, reps: int = 3) -> dict:
-    """Median prefill seconds for ``batch``×``seq`` tokens, and decode tokens/s with the KV cache.
+def sync(device: str) -> None:
+    """Wait for the GPU's queued work (a no-op on CPU), so a timer reads finished work."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    Decode speed = new tokens / (time of a cached greedy generate of ``new_tokens`` − one prefill).
-    """
+
+def random_ids(vocab: int, batch: int, seq: int, device: str) -> torch.Tensor:
+    """[batch, seq] token ids drawn with a seed of the shape: the same inputs for every model."""
+    gen = torch.Generator().manual_seed(batch * 100003 + seq)
+    return torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+
+
+@torch.no_grad()
+def infer_once(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill s, decode s): one forward of ``ids`` that fills the KV cache and computes the logits
+    of the last position only (as generation does), then ``new_tokens`` greedy cached steps."""
+    device = str(ids.device)
+    cache_kw = cache_keyword(model)
+    sync(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    sync(device)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=nxt, use_cache=True, **{cache_kw: getattr(out, cache_kw)})
+    sync(device)
+    return t1 - t0, time.perf_counter() - t1
+
+
+def latency(model, seq: int = 128, batch: int = 1, new_tokens: int = 16, reps: int = 3) -> dict:
+    """Median prefill seconds for ``batch``×``seq`` tokens, and decode tokens/s with the KV cache:
+    ``reps`` runs of ``infer_once`` (the measurement ``gradpruner bench`` alternates between models)."""
     import statistics
 
-    device = next(model.parameters()).device
-    ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    mask = torch.ones_like(ids)
-    pad = model.config.eos_token_id
-    pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    device = str(next(model.parameters()).device)
+    ids = random_ids(model.config.vocab_size, batch, seq, device)
     model.eval()
-    prefill, total = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask)
-        prefill.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, use_cache=True, pad_token_id=pad)
-        total.append(time.perf_counter() - t0)
-    p, t = statistics.median(prefill), statistics.median(total)
-    return {"seq": seq, "batch": batch, "new_tokens": new_tokens, "prefill_s": p,
-            "decode_tokens_per_s": batch * (new_tokens - 1) / max(t - p, 1e-9)}
+    runs = [infer_once(model, ids, new_tokens) for _ in range(reps)]
+    prefill, decode = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+    return {"seq": seq, "batch": batch, "new_tokens": new_tokens, "prefill_s": prefill,
+            "decode_tokens_per_s": batch * new_tokens / max(decode, 1e-9)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 
 import torch
 
@@ -24,7 +25,7 @@ SUPPORTED: dict[str, str] = {
     "gemma2": _TESTED + " (alternating sliding/full layers, tied embeddings)",
     "gemma3_text": _TESTED + " (explicit mixed layer_types, per-type rotary embeddings, tied embeddings)",
     "phi3": _TESTED + " (fused qkv_proj and gate_up_proj)",
-    # Mixture of experts (tests/test_moe.py): fused 3D experts scored and merged per expert (experts.py).
+    # Mixture of experts (tests/test_moe.py): fused 3D experts scored and merged per expert (models/experts.py).
     "mixtral": _TESTED + "; experts scored (LoRA on parameters) and merged expert by expert, router kept",
     "qwen2_moe": _TESTED + "; the same, shared expert merged like a dense MLP, dense mlp_only_layers",
     "qwen3_moe": _TESTED + "; the same as mixtral",
@@ -38,14 +39,15 @@ _NOT_PER_LAYER = {"architectures", "eos_token_id", "bos_token_id", "pad_token_id
 _LEADING_COUNT = ("max_window_layers", "first_k_dense_replace")
 
 
-def _model_type(model) -> str:
+def model_type(model) -> str:
+    """``config.model_type`` (e.g. ``"llama"``), or the class name of a model without one."""
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) or type(model).__name__
 
 
 def _unsupported(model, why: str) -> GradPrunerError:
     return GradPrunerError(
-        f"Model type {_model_type(model)!r} is not supported: {why}; "
+        f"Model type {model_type(model)!r} is not supported: {why}; "
         f"use a decoder-only causal LM such as one of: {', '.join(sorted(SUPPORTED))}."
     )
 
@@ -66,7 +68,7 @@ def _locate(model) -> tuple[str, torch.nn.Module, str, torch.nn.ModuleList]:
     # Prefer a path ending in "layers" (model.layers, transformer.layers), then the shallowest one.
     candidates.sort(key=lambda c: (not c[0].endswith("layers"), c[0].count("."), c[0]))
     path, layers = candidates[0]
-    if _model_type(model) not in SUPPORTED:
+    if model_type(model) not in SUPPORTED:
         # Untested architecture: accept it only if it is a causal decoder (an encoder such as BERT
         # has the same kind of layer list, but removing its layers is not what this tool does).
         encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
@@ -97,6 +99,12 @@ def only_layers(model, keep):
         setattr(parent, attr, full)
 
 
+def cache_keyword(model) -> str:
+    """The keyword ``model.forward`` takes its KV cache under: ``cache`` (transformers 5.x) or
+    ``past_key_values``; a model's output holds the cache under the same name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decoder_layer_prefix(model) -> str:
     """Dotted path of the decoder-layer ModuleList inside ``model``, e.g. ``"model.layers"``."""
     return _locate(model)[0]
@@ -107,7 +115,7 @@ def layer_linear_modules(model) -> dict[int, dict[str, torch.nn.Linear]]:
 
     Every ``nn.Linear`` in each decoder layer is listed, MoE experts included when they are
     ``nn.Linear`` modules (fused 3D expert tensors, as transformers 5 stores MoE experts, are not: see
-    ``experts.expert_params``).
+    ``models.experts.expert_params``).
     """
     _, _, layers = find_decoder_layers(model)
     return {

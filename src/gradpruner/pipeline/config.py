@@ -9,73 +9,34 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
 from gradpruner.errors import GradPrunerError
+from gradpruner.evaluation.config import EvalConfig
+from gradpruner.finetuning.config import FinetuneConfig
+from gradpruner.planning.config import PlanConfig
+from gradpruner.pruning.config import PruneConfig
+from gradpruner.scoring.config import ScoreConfig
+from gradpruner.util.options import opt
 
 
 @dataclass
-class ScoreConfig:
-    method: str = "igia_guarded"  # default: IGIA among the layers block influence lets go; igia = the paper's exact method; see docs/methods.md
-    steps: int = 40              # early LoRA optimizer steps T (≥ 2; step 1 carries no signal)
-    rank: int = 8
-    alpha: float = 32
-    lr: float = 1e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    adapter: str = "lora"        # lora | dora: the adapter whose gradients IGIA reads
-    calib_examples: int = 64     # task examples for block_influence, taylor and laco
-    laco_group: int = 4          # laco: layers per collapse (the base + group−1 merged into it)
-    laco_threshold: float = 0.65  # laco: keep a collapse if hidden states stay this cosine-similar
+class FinetuneStageConfig(FinetuneConfig):
+    """The run's fine-tune section: the fine-tune stage's settings and which models the run trains."""
+
+    dense_baseline: bool = opt(True, "also fine-tune the dense model the same way")
+    distill: str | None = opt(None, "pruned fine-tune only: null, dense_ft or dense, the teacher whose logits join the loss")
 
 
 @dataclass
-class PlanConfig:
-    prune: int | None = 12       # decoder layers removed (merged ones included); or use target_params
-    target_params: float | None = None  # fraction of all parameters to remove (instead of prune)
-    merge: int = 3               # of the removed layers, how many are merged
-    rule: str | None = None      # None: the scoring method's own scores; igia | igia_norm: that IGIA variant
-    granularity: str = "layer"   # layer | hidden: remove whole layers, or the same parameters as hidden dimensions
-    protect_last: int = 0        # never remove the last k layers
-    max_block: int | None = None  # never remove more than this many consecutive layers
+class EvalStageConfig(EvalConfig):
+    """The run's eval section: the evaluate stage's settings and which models the run evaluates."""
 
-
-@dataclass
-class PruneConfig:
-    density: float = 0.2         # fraction of a merged module's entries kept, by IGIA
-    merge_rule: str = "sign_sum"  # sign_sum | sign_mean | fisher | weighted_average | ties | none | laco
-
-
-@dataclass
-class FinetuneStageConfig:
-    mode: str = "lora"           # lora | full
-    lr: float | None = None      # None: 2e-4 for LoRA, 1e-5 for full fine-tuning
-    epochs: float = 3.0          # the paper trains 3 epochs
-    max_steps: int | None = None  # overrides epochs when set
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    rank: int = 8
-    alpha: float = 32
-    limit: int | None = None     # use only the first K training examples
-    dense_baseline: bool = True  # also fine-tune the dense model the same way
-    distill: str | None = None   # pruned fine-tune only: null | dense_ft | dense — the teacher whose logits join the loss
-    distill_alpha: float = 0.5   # weight of the distillation term (1 − alpha for the labels)
-    distill_temperature: float = 1.0
-
-
-@dataclass
-class EvalConfig:
-    limit: int | None = None     # evaluate on the first K held-out examples (None: all)
-    offset: int = 0              # skip the first N held-out examples first (a validation slice disjoint from the test one)
-    batch_size: int = 8
-    zero_shot_dense: bool = True  # also evaluate the dense model before fine-tuning
-    pruned_no_finetune: bool = True  # also evaluate the pruned model before fine-tuning
-    encoder: str | None = None   # BERTScore encoder folder (generative tasks); None: the packaged MiniLM
+    zero_shot_dense: bool = opt(True, "also evaluate the dense model before fine-tuning")
+    pruned_no_finetune: bool = opt(True, "also evaluate the pruned model before fine-tuning")
 
 
 @dataclass
@@ -84,17 +45,25 @@ class RunConfig:
     task: str | None = "arc_easy"  # built-in task, or None with data
     data: str | None = None      # JSONL of prompt/completion lines (instead of task)
     eval_data: str | None = None  # held-out JSONL to evaluate on (required with data; must not overlap it)
-    data_dir: str | None = None  # task data folder (default: $GRADPRUNER_DATA_DIR or ../shared/data)
+    data_dir: str | None = None  # task data folder, or hub (default: $GRADPRUNER_DATA_DIR, else the data shipped in the package)
     out: str = "runs/run"        # run folder: every stage writes here
     seed: int = 0
     score: ScoreConfig = field(default_factory=ScoreConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalStageConfig = field(default_factory=EvalStageConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: section_dict(v) if dataclasses.is_dataclass(v := getattr(self, f.name)) else v
+                for f in fields(self)}
+
+
+def section_dict(obj) -> dict:
+    """A config section as the YAML holds it: without the fields the run sets itself (``run=False``)."""
+    if isinstance(obj, dict):
+        return obj
+    return {f.name: getattr(obj, f.name) for f in fields(obj) if f.metadata.get("run", True)}
 
 
 def _known(cls) -> dict[str, dataclasses.Field]:
@@ -131,12 +100,16 @@ def _coerce(value, f: dataclasses.Field, where: str):
     return value
 
 
+RENAMED = {"plan.rule": "from_method"}  # keys of earlier versions, so their config.yaml files still run
+
+
 def _build(cls, data: dict, where: str = "", problems: list | None = None):
     known = _known(cls)
     kwargs = {}
     for key, value in data.items():
-        if key not in known:
-            problems.append(_unknown_key(str(key), known, where))
+        key = RENAMED.get(where + str(key), key)
+        if key not in known or not known[key].metadata.get("run", True):
+            problems.append(_unknown_key(str(key), {k: f for k, f in known.items() if f.metadata.get("run", True)}, where))
             continue
         f = known[key]
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
@@ -237,8 +210,8 @@ def _check_methods(cfg: RunConfig) -> list[str]:
     """Registry names, and merges only where the scoring method provides what the merge rule needs."""
     from gradpruner.errors import lookup
     from gradpruner.pruning.merging import MERGE_RULES, needs_igia
-    from gradpruner.scoring.variants import needs_target
     from gradpruner.scoring.methods import METHODS
+    from gradpruner.scoring.variants import needs_target
 
     try:
         method = lookup(METHODS, cfg.score.method, "scoring method (score.method)")
@@ -250,9 +223,9 @@ def _check_methods(cfg: RunConfig) -> list[str]:
         out.append(f"plan.merge is {cfg.plan.merge} but score.method {cfg.score.method} writes no IGIA factors, "
                    f"which prune.merge_rule {rule} needs; set plan.merge: 0, or a merge rule without IGIA "
                    "(ties, laco, none), or score.method: igia.")
-    if cfg.plan.rule is not None and cfg.plan.rule != cfg.score.method and not (
-            method.factors and cfg.plan.rule in ("igia", "igia_norm")):
-        out.append(f"plan.rule {cfg.plan.rule!r} does not fit score.method {cfg.score.method}; leave plan.rule null "
+    if cfg.plan.from_method is not None and cfg.plan.from_method != cfg.score.method and not (
+            method.factors and cfg.plan.from_method in ("igia", "igia_norm")):
+        out.append(f"plan.from_method {cfg.plan.from_method!r} does not fit score.method {cfg.score.method}; leave plan.from_method null "
                    "(the method's own scores) or, for IGIA scores, use igia or igia_norm.")
     if cfg.score.method == "laco" and cfg.plan.prune is None:
         out.append("score.method laco needs plan.prune (the number of layers to collapse), not plan.target_params.")

@@ -9,8 +9,14 @@ import json
 import time
 from pathlib import Path
 
-from gradpruner.pipeline.config import (EvalConfig, FinetuneStageConfig, PlanConfig, PruneConfig, RunConfig, ScoreConfig,
-                     config_from_dict)
+from gradpruner.pipeline.config import (
+    EvalStageConfig,
+    FinetuneStageConfig,
+    PlanConfig,
+    RunConfig,
+    ScoreConfig,
+    config_from_dict,
+)
 from gradpruner.pipeline.run import run
 
 
@@ -18,11 +24,10 @@ def demo_config(out: str = "runs/demo", overrides: list[str] = ()) -> RunConfig:
     """The settings of configs/demo.yaml (a test keeps the two equal)."""
     cfg = RunConfig(
         model="smollm2-135m", task="arc_easy", out=out, seed=0,
-        score=ScoreConfig(method="igia", steps=20, lr=1e-4, batch_size=8),  # the paper's method, as published
-        plan=PlanConfig(prune=12, merge=3),
-        prune=PruneConfig(density=0.2, merge_rule="sign_sum"),
-        finetune=FinetuneStageConfig(mode="lora", max_steps=100, batch_size=8, lr=2e-4, dense_baseline=True),
-        eval=EvalConfig(limit=200),
+        score=ScoreConfig(steps=20),  # the default method; 20 early steps keep the demo short
+        plan=PlanConfig(),  # the default: 12 of 30 layers removed, none merged
+        finetune=FinetuneStageConfig(max_steps=100, lr=2e-4),
+        eval=EvalStageConfig(limit=200),
     )
     return config_from_dict(cfg.to_dict(), overrides) if overrides else cfg
 

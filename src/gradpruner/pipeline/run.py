@@ -12,18 +12,17 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 from gradpruner import api
-from gradpruner.util.atomic import atomic_file, read_json, write_json
-from gradpruner.pipeline.config import RunConfig, dump_config
-from gradpruner.measure.costs import flops_per_token, latency, measure, param_counts
 from gradpruner.data.tasks import SPLIT_SEED
+from gradpruner.measure.costs import flops_per_token, latency, measure, param_counts
+from gradpruner.pipeline.config import RunConfig, dump_config, section_dict
 from gradpruner.scoring.variants import needs_target
+from gradpruner.util.atomic import atomic_file, read_json, write_json
 
 log = logging.getLogger(__name__)
-EVALS = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
 
 
 def _key(*parts) -> str:
@@ -32,16 +31,21 @@ def _key(*parts) -> str:
 
 # Config keys added after stage keys were first published: keyed only when set away from their
 # default, so finished stages of earlier run folders (and of earlier versions) stay valid.
-LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "laco_group": 4, "laco_threshold": 0.65},
+LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "laco_group": 4, "laco_threshold": 0.65,
+                   "steps_fraction": None, "planned_steps": None, "lora_dropout": 0.0, "max_grad_norm": 0.0},
          "plan": {"granularity": "layer", "protect_last": 0, "max_block": None},
-         "finetune": {"distill": None, "distill_alpha": 0.5, "distill_temperature": 1.0}}
+         "prune": {"out_of_core": None, "max_shard_size": "2GB"},
+         "finetune": {"distill": None, "distill_alpha": 0.5, "distill_temperature": 1.0, "lora_dropout": 0.05,
+                      "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
+                      "save_steps": 50, "logging_steps": 10, "bf16": None},
+         "eval": {"metric": None, "max_new_tokens": None, "max_length": 2048}}
 DISTILL_KEYS = ("distill", "distill_alpha", "distill_temperature")  # pruned fine-tune only
 
 
 def _section(name: str, obj) -> dict:
-    d = {k: v for k, v in asdict(obj).items() if LATER.get(name, {}).get(k, object()) != v}
-    if name == "plan" and d.get("rule") is None:
-        d["rule"] = "igia"  # None = the method's own scores; for IGIA (the only method before) that is "igia"
+    d = {k: v for k, v in section_dict(obj).items() if LATER.get(name, {}).get(k, object()) != v}
+    if name == "plan":  # keyed under its earlier name; None (the method's own scores) as "igia", the only method before
+        d["rule"] = d.pop("from_method") or "igia"
     return d
 
 
@@ -70,11 +74,13 @@ class Run:
         self.keys["dense_ft"] = _key(self.keys["data"], {k: v for k, v in ft.items() if k not in DISTILL_KEYS})
         teacher = [self.keys["dense_ft"]] if cfg.finetune.distill == "dense_ft" else []
         self.keys["pruned_ft"] = _key(self.keys["prune"], ft, *teacher)
-        ev = asdict(cfg.eval)
+        ev = section_dict(cfg.eval)
+        later = {k: v for k, v in _section("eval", cfg.eval).items() if k in LATER["eval"]}  # keyed only when set
         for name, upstream in (("dense_zero_shot", "data"), ("dense_ft", "dense_ft"), ("pruned", "prune"),
                                ("pruned_ft", "pruned_ft")):
             offset = [ev["offset"]] if ev["offset"] else []  # 0 leaves earlier keys unchanged
-            self.keys[f"eval_{name}"] = _key(self.keys[upstream], ev["limit"], ev["encoder"], "eval", *offset)
+            self.keys[f"eval_{name}"] = _key(self.keys[upstream], ev["limit"], ev["encoder"], "eval", *offset,
+                                                  *([later] if later else []))
 
     def place(self, stage: str, rel: str) -> Path:
         """Where ``stage`` writes ``rel``: the run folder, or with a store (``gradpruner compare``) a
@@ -211,10 +217,8 @@ def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool, teacher: str |
     from gradpruner.finetuning.finetune import FinetuneConfig, finetune
 
     names = {f.name for f in fields(FinetuneConfig)}
-    ft = FinetuneConfig(**{k: v for k, v in asdict(cfg.finetune).items() if k in names}, seed=cfg.seed)
-    if teacher is not None:
-        ft.distill_from = teacher
-        ft.distill_alpha, ft.distill_temperature = cfg.finetune.distill_alpha, cfg.finetune.distill_temperature
+    ft = FinetuneConfig(**{k: v for k, v in section_dict(cfg.finetune).items() if k in names}, seed=cfg.seed,
+                        distill_from=teacher)
     if fresh:  # checkpoints from another config must not be resumed
         shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
     rec = finetune(model, out, **_data_args(cfg), config=ft, resume=not fresh, overwrite=True)
@@ -224,33 +228,29 @@ def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool, teacher: str |
 
 def _score(cfg: RunConfig, out: Path, fresh: bool) -> dict:
     s = cfg.score
-    res = api.score(cfg.model, out, **_data_args(cfg), method=s.method, steps=s.steps, rank=s.rank, alpha=s.alpha,
-                    lr=s.lr, batch_size=s.batch_size, grad_accum=s.grad_accum, max_length=s.max_length,
-                    seed=cfg.seed, adapter=s.adapter, calib_examples=s.calib_examples, target=cfg.plan.prune,
-                    options={"laco_group": s.laco_group, "laco_threshold": s.laco_threshold}, overwrite=True)
+    res = api.score(cfg.model, out, **_data_args(cfg), config=s, seed=cfg.seed, target=cfg.plan.prune, overwrite=True)
     return {"method": s.method, "steps": res["steps"], "informative_steps": res.get("informative_steps")}
 
 
 def _plan(cfg: RunConfig, scores: Path, out: Path, fresh: bool) -> dict:
-    p = cfg.plan
-    res = api.plan(scores, out, prune=p.prune, target_params=p.target_params, merge=p.merge, rule=p.rule,
-                   granularity=p.granularity, protect_last=p.protect_last, max_block=p.max_block, overwrite=True)
+    res = api.plan(scores, out, config=cfg.plan, overwrite=True)
     return {"keep": res["keep"], "drop": res["drop"], "merge": res["merge"]}
 
 
 def _prune(cfg: RunConfig, plan: Path, out: Path, fresh: bool) -> dict:
-    api.prune(cfg.model, plan, out, density=cfg.prune.density, merge_rule=cfg.prune.merge_rule, overwrite=True)
+    api.prune(cfg.model, plan, out, config=cfg.prune, overwrite=True)
     return {"out": str(out)}
 
 
 def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
+    from gradpruner.evaluation.config import EvalConfig
     from gradpruner.evaluation.evaluate import evaluate
     from gradpruner.models.loading import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(model)
     m, tok = load_model(source), load_tokenizer(source)
     res = evaluate(m, tok, task=cfg.task, data=cfg.eval_data, train_data=cfg.data, data_dir=cfg.data_dir,
-                   seed=SPLIT_SEED, limit=cfg.eval.limit, offset=cfg.eval.offset, batch_size=cfg.eval.batch_size, encoder=cfg.eval.encoder,
+                   seed=SPLIT_SEED, config=EvalConfig(**{f.name: getattr(cfg.eval, f.name) for f in fields(EvalConfig)}),
                    progress=True)
     res.update({"model": str(model), "params": param_counts(m), "flops_per_token": flops_per_token(m),
                 "latency": latency(m)})
@@ -261,11 +261,11 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
 def preflight(cfg: RunConfig) -> None:
     """Check the model, the data files and the run folder before any stage starts, reporting every
     problem at once (the config's own keys were checked when it was read)."""
-    from gradpruner.util.atomic import check_output
-    from gradpruner.data.examples import _require_file, load_examples, load_jsonl
+    from gradpruner.data.examples import load_examples, load_jsonl, require_file
     from gradpruner.errors import Collect
     from gradpruner.evaluation.evaluate import check_disjoint
     from gradpruner.models.loading import check_model, resolve_model
+    from gradpruner.util.atomic import check_output
 
     with Collect() as check:
         source = check(resolve_model, cfg.model)
@@ -273,7 +273,7 @@ def preflight(cfg: RunConfig) -> None:
             check(check_model, source)
         train = check(load_examples, task=cfg.task, data=cfg.data, split="train", data_dir=cfg.data_dir, seed=SPLIT_SEED)
         if cfg.eval_data is not None and cfg.task is not None:
-            check(_require_file, Path(cfg.eval_data), "Config key eval_data: file", "give an existing JSONL file")
+            check(require_file, Path(cfg.eval_data), "Config key eval_data: file", "give an existing JSONL file")
         elif cfg.eval_data is not None:  # held-out prompt/completion lines: none may be a training line
             held_out = check(load_jsonl, cfg.eval_data)
             if train is not None and held_out is not None:

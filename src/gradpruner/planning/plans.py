@@ -1,6 +1,6 @@
 """Pruning plans: which decoder layers stay, which go, and which of those are merged into which.
 
-A plan is plain data (GUIDE §1.5) so a person can read it, edit it or write one by hand::
+A plan is plain JSON data, so a person can read it, edit it or write one by hand::
 
     {"num_layers": 32,
      "keep": [0, 1, ..., 17, 31],            # sorted
@@ -106,7 +106,7 @@ def _constrained_order(order: list[int], n: int, prune: int, protect_last: int, 
 def make_plan(layer_scores: list[float], prune: int, merge: int = 0,
               layer_params: list[int] | None = None, total_params: int | None = None,
               protect_last: int = 0, max_block: int | None = None) -> dict:
-    """The paper's plan rule (GUIDE §1.5).
+    """The GradPruner paper's plan rule (Section 3.1, Layer Pruning): remove the lowest-scoring layers.
 
     Rank layers by score ascending, ties broken by the lower index first (so at equal scores the
     earlier layer counts as less important; the plan is deterministic). Drop the first ``prune`` of

@@ -1,4 +1,5 @@
-"""Layer merging (GUIDE §1.6): fold a removed layer's linear module into the same module of a kept one.
+"""Layer merging (the GradPruner paper, Section 3.2): fold a removed layer's linear module into the same
+module of a kept one.
 
 Two steps, per linear module:
 
@@ -25,7 +26,11 @@ Rules are small pure functions ``rule(w_dst, sources, f_dst=None) -> Tensor`` ov
     # or in a config:   merge_rule: sign_mean
 
 ``needs_igia(rule)`` says whether a rule needs the IGIA factors of ``gradpruner score``.
-No function here modifies its inputs. See docs/merge_rules.md.
+No rule and no ``merge_module`` call modifies its inputs. See docs/merge_rules.md.
+
+Applying a plan: ``merge_layers`` merges a loaded model in place, module by module, fused
+mixture-of-experts parameters expert by expert (``merge_experts``); the out-of-core path
+(``pruning.streamed``) calls ``merge_module`` and ``StreamedExperts`` on checkpoint tensors.
 """
 from __future__ import annotations
 
@@ -36,6 +41,13 @@ import torch
 from torch import Tensor
 
 from gradpruner.errors import GradPrunerError, lookup
+from gradpruner.models.architectures import (
+    decoder_layer_prefix,
+    layer_linear_modules,
+    model_type,
+)
+from gradpruner.models.experts import blocks, checkpoint_units, expert_params, is_gate
+from gradpruner.scoring.igia import module_igia
 
 MergeSource = tuple[Tensor, "Tensor | None"]  # (Ŵ_src already trimmed, F_src or None)
 
@@ -270,39 +282,20 @@ def merge_module(w_dst: Tensor, srcs: list[tuple[Tensor, Tensor | None]], rule: 
 
 # --- applying a plan's merges to a model --------------------------------------------------------
 
-def module_igia(f, keys: set[str], name: str, shape: tuple[int, int], path) -> Tensor:
-    """Build F_W for one module of weight ``shape`` (out, in) from its stored factors, checking they
-    belong to this module."""
-    from gradpruner.scoring.igia import igia_matrix
-
-    if f"{name}.grad_A" not in keys or f"{name}.grad_B" not in keys:
-        raise GradPrunerError(f"IGIA file {path} has no factors for {name}; score this model again "
-                              "(the file may come from another model).")
-    grad_a, grad_b = f.get_tensor(f"{name}.grad_A"), f.get_tensor(f"{name}.grad_B")
-    if grad_a.shape[2] != shape[1] or grad_b.shape[1] != shape[0]:
-        raise GradPrunerError(f"IGIA factors for {name} in {path} have shapes {tuple(grad_b.shape)} and "
-                              f"{tuple(grad_a.shape)}, not those of this model's {shape[0]}×{shape[1]} "
-                              "module; score this model again.")
-    return igia_matrix(grad_b, grad_a)
-
-
 def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "sign_sum") -> dict:
-    """Fold every merged layer into its target in place, one module at a time (GUIDE §1.6).
+    """Fold every merged layer into its target in place, one module at a time (the paper's Section 3.2).
 
     ``merge`` maps a removed layer index (str or int) to the kept layer it merges into.
     ``factors_path`` is the igia.safetensors of ``gradpruner score``; it may be None (and is never
     opened) when ``not needs_igia(rule)``. Full F_W matrices are built only for the module being
     merged and freed before the next one, so peak memory is the model plus a few module-sized
     buffers. Fused MoE experts merge expert e into expert e, one projection at a time, and gates
-    (routers) stay the target's own (``experts.merge_layers``). Returns per-module merge statistics.
+    (routers) stay the target's own (``merge_experts``). Returns per-module merge statistics.
     """
     from contextlib import nullcontext
 
     from safetensors import safe_open
     from tqdm.auto import tqdm
-
-    from gradpruner.pruning import experts
-    from gradpruner.models.architectures import decoder_layer_prefix, layer_linear_modules
 
     igia = needs_igia(rule)
     if TRIM[rule] is not None:
@@ -313,11 +306,11 @@ def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "
                               f"--method igia`; pass that igia.safetensors, or choose a rule that "
                               f"does not need them ({free}).")
     layers, prefix = layer_linear_modules(model), decoder_layer_prefix(model)
-    experts.expert_params(model)  # refuses fused experts of an unknown layout before anything changes
+    expert_params(model)  # refuses fused experts of an unknown layout before anything changes
     by_target: dict[int, list[int]] = {}
     for src, dst in merge.items():
         by_target.setdefault(int(dst), []).append(int(src))
-    jobs = [(t, rel) for t in sorted(by_target) for rel in layers[t] if not experts.is_gate(rel)]  # routers stay
+    jobs = [(t, rel) for t in sorted(by_target) for rel in layers[t] if not is_gate(rel)]  # routers stay
     stats = {}
     with (safe_open(str(factors_path), "pt") if igia else nullcontext()) as f, torch.no_grad():
         keys = set(f.keys()) if igia else set()
@@ -330,7 +323,7 @@ def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "
         for t, rel in tqdm(jobs, desc="merging", unit="module"):
             dst = layers[t][rel]
             srcs = [s for s in sorted(by_target[t]) if rel in layers[s]]
-            if not srcs:  # e.g. a dense MoE layer merged into a sparse one: nothing to merge (as shards.py)
+            if not srcs:  # e.g. a dense MoE layer merged into a sparse one: nothing to merge (as streamed.py)
                 continue
             pairs = [(layers[s][rel].weight, igia_of(s, rel, TRIM[rule] == "igia")) for s in srcs]
             f_dst = igia_of(t, rel, rule == "fisher")
@@ -338,5 +331,89 @@ def merge_layers(model, merge: dict, factors_path, density: float, rule: str = "
             dst.weight.copy_(new)
             stats[f"{prefix}.{t}.{rel}"] = {"sources": [f"{prefix}.{s}.{rel}" for s in srcs], **st}
             del pairs, new, f_dst
-        stats.update(experts.merge_layers(model, by_target, f, keys, factors_path, rule, density))  # expert e -> e
+        stats.update(merge_experts(model, by_target, f, keys, factors_path, rule, density))  # expert e -> e
     return stats
+
+
+# --- fused mixture-of-experts parameters: the unit is one expert's projection ----------------------
+# Expert e of a merged layer goes into expert e of its target, gate and up separately (each trimmed to
+# its own top-``density`` entries by its own rows of F), through ``merge_module``; the units and the
+# checkpoint names are ``models.experts``'. See docs/moe.md.
+
+def merge_expert_unit(w_dst, srcs, rule: str, density: float, igia, dst_loc=None):
+    """Merge one expert unit: ``srcs = [(W_src, locate_src)]``; ``igia(locate)`` gives F or None."""
+    pairs = [(w, igia(loc) if TRIM[rule] == "igia" else None) for w, loc in srcs]
+    return merge_module(w_dst, pairs, rule, density, igia(dst_loc) if rule == "fisher" else None)
+
+
+def merge_fused(w_dst, srcs, rule: str, density: float, igia, dst_loc, model_type: str, out=None):
+    """A whole fused [E, out, in] tensor, unit by unit (both prune paths).
+    ``srcs = [(W_src, (layer, rel))]``; ``dst_loc = (layer, rel)``; returns (new tensor, per-unit stats).
+    ``out``: the tensor to write into (``w_dst`` itself merges in place: each unit reads only its own
+    rows before writing them); default a copy of ``w_dst``."""
+    new, stats = (w_dst.clone() if out is None else out), {}
+    rel = dst_loc[1]
+    for unit, e, rows in blocks(model_type, rel, w_dst.shape):
+        shape = tuple(w_dst[e, rows].shape)
+        pairs = [(w[e, rows], (loc[0], rel, e, rows, shape)) for w, loc in srcs]
+        new[e, rows], stats[unit] = merge_expert_unit(w_dst[e, rows], pairs, rule, density, igia,
+                                                      (dst_loc[0], rel, e, rows, shape))
+    return new, stats
+
+
+def merge_experts(model, by_target: dict[int, list[int]], f, keys, path, rule: str, density: float) -> dict:
+    """In memory: merge every expert unit of the sources into the same unit of their target, in place
+    (the fused-expert part of ``merge_layers``)."""
+    per_layer = expert_params(model)
+    if not any(per_layer.values()):
+        return {}
+    prefix, mt, stats = decoder_layer_prefix(model), model_type(model), {}
+
+    def igia(loc):
+        layer, rel, e, rows, shape = loc
+        return module_igia(f, keys, f"{prefix}.{layer}.{rel}", shape, path, expert=e, rows=rows)
+
+    for t in sorted(by_target):
+        for rel, dst in per_layer[t].items():
+            srcs = [s for s in sorted(by_target[t]) if rel in per_layer[s]]
+            if not srcs:
+                continue
+            _, per_unit = merge_fused(dst.data, [(per_layer[s][rel], (s, rel)) for s in srcs], rule, density, igia,
+                                      (t, rel), mt, out=dst.data)  # in place, unit by unit
+            stats.update({f"{prefix}.{t}.{u}": {"sources": [f"{prefix}.{s}.{u}" for s in srcs], **st}
+                          for u, st in per_unit.items()})
+    return stats
+
+
+class StreamedExperts:
+    """Expert merges of the out-of-core path (``pruning.streamed``): the units, F slices and
+    ``merge_module`` calls of ``merge_experts``, on checkpoint tensors (per-expert 2D ones, or the
+    fused 3D ones)."""
+
+    def __init__(self, skeleton, files):
+        self.prefix, self.model_type = decoder_layer_prefix(skeleton), model_type(skeleton)
+        self.units = {i: u for i, u in checkpoint_units(skeleton, files).items() if u}
+        self.where = {f"{self.prefix}.{i}.{n}": (i, loc) for i, u in self.units.items() for n, loc in u.items()}
+
+    def owns(self, name: str) -> bool:
+        return name in self.where
+
+    def merge(self, name: str, w, sources: list[str], read, merger) -> tuple[Tensor, dict]:
+        """(merged tensor ``name``, stats by unit name); ``merger`` gives the rule and the factor file."""
+        prefix, (i, (rel, e, rows)) = self.prefix, self.where[name]
+
+        def igia(loc):
+            layer, rel_, e_, rows_, shape = loc
+            return module_igia(merger.file, merger.keys, f"{prefix}.{layer}.{rel_}", shape, merger.factors,
+                               expert=e_, rows=rows_)
+
+        srcs = [(read(s), self.where[s][0]) for s in sources]
+        if e is None:  # a fused [E, out, in] tensor in the checkpoint
+            new, per_unit = merge_fused(w, [(ws, (j, rel)) for ws, j in srcs], merger.rule, merger.density,
+                                        igia, (i, rel), self.model_type)
+            return new, {f"{prefix}.{i}.{u}": {"sources": [f"{prefix}.{j}.{u}" for _, j in srcs], **st}
+                         for u, st in per_unit.items()}
+        shape = tuple(w.shape)
+        new, st = merge_expert_unit(w, [(ws, (j, rel, e, rows, shape)) for ws, j in srcs], merger.rule,
+                                    merger.density, igia, (i, rel, e, rows, shape))
+        return new, {name[: -len(".weight")]: {"sources": [s[: -len(".weight")] for s in sources], **st}}

@@ -22,13 +22,12 @@ import json
 import os
 import re
 import shutil
-import struct
 from pathlib import Path
 
 import torch
 
 from gradpruner.errors import GradPrunerError
-from gradpruner.models.loading import tensor_files
+from gradpruner.models.loading import safetensors_preamble, tensor_files
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -72,7 +71,7 @@ def stream_problem(source, config, plan: dict) -> str | None:
     if not files:
         return f"{folder} holds no safetensors weights"
     try:
-        from gradpruner.pruning.experts import checkpoint_names
+        from gradpruner.models.experts import checkpoint_names
 
         names = checkpoint_names(meta_model(config))  # with the per-expert names of MoE checkpoints
     except Exception as exc:  # noqa: BLE001 - any failure only means: load it the usual way
@@ -147,9 +146,9 @@ def _shard_groups(pairs, reader: _Reader, max_bytes: int) -> list[list[tuple[str
 def _merge_jobs(plan: dict, modules: dict[int, list[str]], prefix: str,
                 units: dict[int, dict] | None = None) -> dict[str, list[str]]:
     """Input weight name of a kept module -> the input weight names merged into it. ``units`` are the
-    expert tensors of MoE layers (``experts.checkpoint_units``, full tensor names inside the layer);
+    expert tensors of MoE layers (``models.experts.checkpoint_units``, full tensor names inside the layer);
     gates (routers) are never merged."""
-    from gradpruner.pruning.experts import is_gate
+    from gradpruner.models.experts import is_gate
 
     jobs: dict[str, list[str]] = {}
     for src, dst in sorted(plan.get("merge", {}).items(), key=lambda kv: int(kv[0])):
@@ -171,13 +170,13 @@ class _Merger:
         from gradpruner.pruning.merging import TRIM, needs_igia
 
         self.jobs, self.factors, self.rule, self.density, self.stats = jobs, factors, rule, density, {}
-        self.experts = experts  # experts.StreamedExperts for MoE checkpoints, else None
+        self.experts = experts  # merging.StreamedExperts for MoE checkpoints, else None
         self.trim_igia, self.fisher = TRIM[rule] == "igia", rule == "fisher"
         self.file = safe_open(str(factors), "pt") if factors is not None and needs_igia(rule) else None
         self.keys = set(self.file.keys()) if self.file is not None else set()
 
     def _igia(self, weight_name: str, w: torch.Tensor, wanted: bool):
-        from gradpruner.pruning.merging import module_igia
+        from gradpruner.scoring.igia import module_igia
 
         return module_igia(self.file, self.keys, weight_name[: -len(".weight")], tuple(w.shape),
                            self.factors) if wanted else None
@@ -200,22 +199,6 @@ class _Merger:
     def close(self) -> None:
         if self.file is not None:
             self.file.__exit__(None, None, None)
-
-
-def safetensors_preamble(entries, metadata: dict | None = None) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """What opens a safetensors file holding ``entries`` = [(name, dtype, shape, nbytes), ...] in that
-    order: the 8-byte header length and the JSON header (padded so the data starts 8-byte aligned, as
-    safetensors writes it); and each name's (begin, end) offset in the data. Lets a writer stream the
-    data afterwards (sequentially or with pwrite) without holding the tensors."""
-    header: dict = {"__metadata__": {k: str(v) for k, v in metadata.items()}} if metadata else {}
-    offsets, offset = {}, 0
-    for name, dtype, shape, nbytes in entries:
-        offsets[name] = (offset, offset + nbytes)
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw, offsets
 
 
 def _write_safetensors(path: Path, group, reader: _Reader, produce) -> None:
@@ -258,8 +241,12 @@ def _write_shards(groups, reader: _Reader, merger: _Merger, out: Path) -> None:
 def prune_streaming(source, config, plan: dict, out: Path, factors, density: float, rule: str,
                     max_shard_bytes: int) -> dict:
     """Write the pruned checkpoint into the (empty, temporary) folder ``out``; return merge stats."""
-    from gradpruner.models.architectures import decoder_layer_prefix, layer_linear_modules, subset_config
-    from gradpruner.pruning.experts import StreamedExperts
+    from gradpruner.models.architectures import (
+        decoder_layer_prefix,
+        layer_linear_modules,
+        subset_config,
+    )
+    from gradpruner.pruning.merging import StreamedExperts
 
     folder = Path(str(source))
     skeleton = meta_model(config)

@@ -1,4 +1,4 @@
-"""Remove decoder layers from a loaded causal LM in place, and save the result.
+"""Remove decoder layers from a loaded causal LM in place (``models.loading.save_model`` saves it).
 
 The traps, each handled below: kept attention modules must be renumbered (the KV cache is indexed
 by ``layer_idx`` and sized by ``num_hidden_layers``); the config's per-layer lists must shrink with
@@ -7,12 +7,13 @@ new one; model-level state derived from the layer types at init must be recomput
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 
-from gradpruner.models.architectures import find_decoder_layers, subset_config, validate_keep
+from gradpruner.models.architectures import (
+    find_decoder_layers,
+    subset_config,
+    validate_keep,
+)
 
 
 def _renumber(layers: torch.nn.ModuleList) -> None:
@@ -64,29 +65,3 @@ def remove_layers(model, keep: list[int]):
     _rebind_configs(model, old_config, new_config)
     _refresh_derived_state(model, new_config)
     return model
-
-
-def save_model(model, tokenizer, out_dir, extra_files: dict[str, dict] | None = None) -> None:
-    """Save ``model`` (safetensors), ``tokenizer`` and extra JSON files into the existing ``out_dir``.
-
-    ``save_pretrained`` also writes ``generation_config.json`` when the model has one. A
-    ``quantization_config`` (models converted from GGUF carry one) is left out of the saved config:
-    the weights written are plain dequantized tensors. Atomicity is the caller's business.
-    """
-    out_dir = Path(out_dir)
-    config = model.config
-    quant = config.__dict__.pop("quantization_config", None) if "quantization_config" in vars(config) else None
-    try:
-        # Safetensors is the only format in transformers 5 and the default in 4.x.
-        model.save_pretrained(out_dir)
-    finally:
-        if quant is not None:
-            config.quantization_config = quant
-    if not any(out_dir.glob("*.safetensors")):
-        raise RuntimeError(f"save_pretrained wrote no safetensors file into {out_dir}")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    for name, obj in (extra_files or {}).items():
-        with open(out_dir / name, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")

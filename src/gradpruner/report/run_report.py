@@ -6,10 +6,11 @@ import html
 import json
 from pathlib import Path
 
-from gradpruner.util.atomic import atomic_file
 from gradpruner.planning.plans import plan_summary
 from gradpruner.report.plots import plot_bars, plot_layer_scores
 from gradpruner.scoring.variants import guard_pool
+from gradpruner.util.atomic import atomic_file
+from gradpruner.util.tables import markdown_table
 
 ROWS = [("dense_zero_shot", "dense, zero-shot"), ("dense_ft", "dense, fine-tuned"),
         ("pruned", "pruned, no fine-tune"), ("pruned_ft", "GradPruner (pruned + fine-tuned)")]
@@ -79,7 +80,8 @@ def build_blocks(run_dir: Path) -> list[tuple]:
                          f"n = {first['n']}; primary metric: {first['metric']}."),
                    ("table", _results_table(evals))]
         if first.get("encoder"):
-            blocks.append(("p", f"BERTScore encoder: {first['encoder']} (not the usual roberta-large: it cannot be downloaded here)."))
+            blocks.append(("p", (f"BERTScore encoder: {first['encoder']} (BERTScore's usual encoder is roberta-large, "
+                                 "so these BERTScores are not comparable with published ones).")))
         plot_bars({label: evals[n]["value"] for n, label in ROWS if n in evals}, run_dir / "accuracy.png",
                   ylabel=first["metric"], title="held-out score")
         blocks.append(("img", run_dir / "accuracy.png", "held-out score per model"))
@@ -109,7 +111,11 @@ def build_blocks(run_dir: Path) -> list[tuple]:
 
 def _sensitivity_blocks(scores: dict, k: int, run_dir: Path) -> list:
     """Paper Fig. 2 for this run: do the k layers removed after s scoring steps match those after T?"""
-    from gradpruner.scoring.sensitivity import agreement_curve, first_stable_step, plot_curve
+    from gradpruner.scoring.sensitivity import (
+        agreement_curve,
+        first_stable_step,
+        plot_curve,
+    )
 
     steps = scores.get("step_layer_sq_norms") or []
     if len(steps) < 2 or not 1 <= k < len(steps[0]):
@@ -137,9 +143,7 @@ def _md(blocks, run_dir: Path) -> str:
         elif kind == "img":
             out.append(f"![{b[2]}]({Path(b[1]).relative_to(run_dir)})")
         elif kind == "table":
-            rows = b[1]
-            out += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-            out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+            out.append(markdown_table(b[1][0], b[1][1:]))
         out.append("")
     return "\n".join(out)
 

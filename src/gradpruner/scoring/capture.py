@@ -15,13 +15,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from gradpruner.util import distributed
-
-from gradpruner.pruning import experts
-
-from gradpruner.scoring import igia as scoring
-from gradpruner.util.atomic import write_json
 from gradpruner.errors import GradPrunerError
+from gradpruner.models import experts
+from gradpruner.scoring import igia as scoring
+from gradpruner.util import distributed
+from gradpruner.util.atomic import write_json
 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -35,7 +33,7 @@ class FactorWriter:
 
     def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], steps: int, dtype=torch.float32, metadata=None):
         self.path, self.steps, self.dtype = Path(path), steps, dtype
-        from gradpruner.pruning.streamed import safetensors_preamble
+        from gradpruner.models.loading import safetensors_preamble
 
         item = torch.empty((), dtype=dtype).element_size()
         entries = [(name, _DTYPES[dtype], (steps, *shapes[name]), math.prod((steps, *shapes[name])) * item)
@@ -196,7 +194,7 @@ class IGIACallback(distributed.GradientReader, TrainerCallback):
             "layer_scores": scoring.layer_scores(mod, self.module_layer, self.num_layers),
             "layer_scores_by_rule": {
                 rule: scoring.layer_scores(scoring.module_scores(norms, rule), self.module_layer, self.num_layers)
-                for rule in scoring.SCORE_RULES
+                for rule in scoring.IGIA_SCORES
             },
             "module_scores": mod,
             "module_layer": self.module_layer,

@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from gradpruner.models import architectures
 from gradpruner.data.examples import PadCollator
 from gradpruner.errors import GradPrunerError
+from gradpruner.models import architectures
 
 
 @dataclass
@@ -352,22 +352,32 @@ def _force(trials: list[dict], removed: list[int], groups: dict, linear: dict, t
 
 @dataclass(frozen=True)
 class Method:
+    """A layer-selection method (an entry of ``METHODS``). ``kind`` says how it runs: ``igia`` — a score
+    rule of the IGIA of T early LoRA steps; ``variant`` — an IGIA variant, the same steps plus statistics
+    of the model (``scoring.variants``); ``direct`` — ``fn(ctx)`` computes the scores."""
+
     fn: object
     trains: bool        # runs optimizer steps (costs like fine-tuning)
     factors: bool       # writes igia.safetensors (needed by the IGIA merge rules)
     about: str
+    kind: str = "direct"
+
+    @property
+    def lora_steps(self) -> bool:
+        """Whether it trains LoRA on the task and captures its gradients (the IGIA path)."""
+        return self.kind != "direct"
 
 
 METHODS: dict[str, Method] = {
-    "igia": Method(None, True, True, "the paper: Σ F_W of T early LoRA steps (Eq. 2–4)"),
-    "igia_norm": Method(None, True, True, "the authors' release: unsquared ‖G‖_F summed over steps"),
-    "igia_saliency": Method(None, True, True, "issue 8: Σ F ⊙ W² (expected loss change of zeroing the weights)"),
-    "igia_log": Method(None, True, True, "issue 8: mean over a layer's modules of log Σ F"),
-    "igia_typerank": Method(None, True, True, "issue 8: per module type, rank the layers by Σ F; average the ranks"),
-    "igia_gradnorm": Method(None, True, True, "issue 8: Σ F divided by the mean ‖∂L/∂out‖² at the layer"),
-    "igia_scaled": Method(None, True, True, "issue 8: Σ F times the mean square of the layer's input stream"),
-    "igia_guarded": Method(None, True, True, "issue 8: IGIA chooses among the layers block influence lets go (pool prune + ⌈prune/3⌉)"),
-    "igia_guarded_loss": Method(None, True, True, "issue 8: IGIA chooses among the layers whose removal alone costs least"),
+    "igia": Method(None, True, True, "the paper: Σ F_W of T early LoRA steps (Eq. 2–4)", "igia"),
+    "igia_norm": Method(None, True, True, "the authors' release: unsquared ‖G‖_F summed over steps", "igia"),
+    "igia_saliency": Method(None, True, True, "Σ F ⊙ W² (expected loss change of zeroing the weights)", "variant"),
+    "igia_log": Method(None, True, True, "mean over a layer's modules of log Σ F", "variant"),
+    "igia_typerank": Method(None, True, True, "per module type, rank the layers by Σ F; average the ranks", "variant"),
+    "igia_gradnorm": Method(None, True, True, "Σ F divided by the mean ‖∂L/∂out‖² at the layer", "variant"),
+    "igia_scaled": Method(None, True, True, "Σ F times the mean square of the layer's input stream", "variant"),
+    "igia_guarded": Method(None, True, True, "IGIA chooses among the layers block influence lets go (pool prune + ⌈prune/3⌉)", "variant"),
+    "igia_guarded_loss": Method(None, True, True, "IGIA chooses among the layers whose removal alone costs least", "variant"),
     "full_grad": Method(full_grad, True, False, "Eq. 3–4 on true dense-weight gradients (T full FT steps)"),
     "block_influence": Method(block_influence, False, False, "ShortGPT: 1 − cos(input, output) per layer"),
     "taylor": Method(taylor, False, False, "Σ |W ⊙ ∇W| per layer on task data (LLM-Pruner's first order)"),

@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from gradpruner.util.atomic import read_json, write_json
 from gradpruner.errors import GradPrunerError
+from gradpruner.util.atomic import read_json, write_json
 
 WHICH = ("bottom", "top")
 

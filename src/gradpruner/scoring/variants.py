@@ -1,4 +1,4 @@
-"""IGIA variants: other ways to turn the same early-step LoRA gradients into layer scores (issue 8).
+"""IGIA variants: other ways to turn the same early-step LoRA gradients into layer scores.
 
 The paper's score (Eq. 4) adds the IGIA-Matrix entries of a layer's seven modules. On SmolLM2 that
 sum is decided by scale, not by importance: one module (layer 11's down_proj) carries 82% of the
@@ -25,17 +25,11 @@ from pathlib import Path
 import torch
 
 from gradpruner.models import architectures
+from gradpruner.scoring.igia import igia_matrix, layer_scores
 
 
 def module_type(name: str) -> str:
     return name.rsplit(".", 1)[-1]
-
-
-def _per_layer(values: dict[str, float], module_layer: dict[str, int], n: int) -> list[float]:
-    out = [0.0] * n
-    for name, v in values.items():
-        out[module_layer[name]] += v
-    return out
 
 
 def saliency(module_sq: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -120,7 +114,6 @@ def module_matrices(factors_path: Path, names: list[str]) -> dict[str, torch.Ten
     """F_W (out×in) for every module, built from the stored factors one module at a time."""
     from safetensors import safe_open
 
-    from gradpruner.scoring.igia import igia_matrix
     with safe_open(str(factors_path), "pt") as f:
         return {n: igia_matrix(f.get_tensor(f"{n}.grad_B"), f.get_tensor(f"{n}.grad_A")) for n in names}
 
@@ -160,7 +153,7 @@ def _saliency(model, sc, factors, _stats):
     sal = {}
     for n in names:  # one module's F at a time: memory stays at one out×in matrix
         sal.update(saliency(module_matrices(factors, [n]), base_weights(model, [n])))
-    return _per_layer(sal, sc["module_layer"], sc["num_layers"])
+    return layer_scores(sal, sc["module_layer"], sc["num_layers"])
 
 
 def _guarded(key):

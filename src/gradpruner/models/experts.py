@@ -1,4 +1,5 @@
-"""Mixture-of-experts layers: scoring and merging experts stored as fused 3D parameters.
+"""Mixture-of-experts layers: where fused 3D expert parameters live, how LoRA scores them, and the
+names a checkpoint gives them.
 
 Transformers 5 keeps the experts of Mixtral and Qwen2/3-MoE as two 3D ``nn.Parameter``s per layer,
 ``experts.gate_up_proj [E, 2I, H]`` and ``experts.down_proj [E, H, I]`` (expert e's weights are
@@ -10,20 +11,23 @@ every expert e its own factors, stored in one pair ``lora_A [E·r, in]`` (rows e
 ``lora_B [out, r·E]`` (columns e, E+e, ... are B_e) with ΔW[e] = s·B_e A_e. Since ΔW is separable per
 expert, grad(A_e) = s·B_eᵀ ∂L/∂W_e and grad(B_e) = s·∂L/∂W_e A_eᵀ, exactly as for a dense LoRA module,
 so the paper's IGIA applies to each expert unchanged: ``split_factors`` recovers [E, r, in] and
-[E, out, r] per step, ``scoring.step_sq_norms`` gives one squared norm per expert, and the module
+[E, out, r] per step, ``scoring.igia.step_sq_norms`` gives one squared norm per expert, and the module
 score is their sum (every expert's F_W counts in its layer's score).
 
-Merging: the unit is one expert's projection, as the checkpoint stores it (``UNITS``): expert e of
-a merged layer goes into expert e of its target, gate and up separately (each trimmed to its own
-top-``density`` entries by its own rows of F), through ``merging.merge_module``. Routers (``mlp.gate``)
-and the shared-expert gate (``shared_expert_gate``) are never merged: the target keeps its own;
-Qwen2-MoE's shared expert is a dense MLP and merges like one. See docs/moe.md.
+Merging (``pruning.merging``) works on units: one expert's projection, as the checkpoint stores it
+(``UNITS``, ``blocks``). Routers (``mlp.gate``) and the shared-expert gate (``shared_expert_gate``) are
+never merged (``is_gate``). See docs/moe.md.
 """
 from __future__ import annotations
 
 import torch
 
 from gradpruner.errors import GradPrunerError
+from gradpruner.models.architectures import (
+    decoder_layer_prefix,
+    find_decoder_layers,
+    model_type,
+)
 
 # model_type -> fused parameter (name inside the layer) -> checkpoint names of its row blocks per
 # expert ({e}: expert index), in row order: gate_up_proj = cat(gate, up) along its rows.
@@ -47,34 +51,26 @@ def is_gate(rel: str) -> bool:
     return rel.split(".")[-1] in GATES
 
 
-def _model_type(model) -> str:
-    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-
-
 def expert_params(model) -> dict[int, dict[str, torch.nn.Parameter]]:
     """Layer index -> {name inside the layer: fused 3D expert parameter}; empty dicts for dense models.
 
     Raises a GradPrunerError for a model with 3D parameters whose layout gradpruner does not know."""
-    from gradpruner.models.architectures import find_decoder_layers
-
     _, _, layers = find_decoder_layers(model)
     found = {i: {n: p for n, p in layer.named_parameters() if p.ndim == 3} for i, layer in enumerate(layers)}
     fused = sorted({n for per in found.values() for n in per})
-    known = UNITS.get(_model_type(model), {})
+    known = UNITS.get(model_type(model), {})
     unknown = [n for n in fused if n not in known]
     if unknown:
         raise GradPrunerError(
-            f"Model type {_model_type(model)!r} keeps mixture-of-experts weights in fused 3D tensors "
+            f"Model type {model_type(model)!r} keeps mixture-of-experts weights in fused 3D tensors "
             f"({unknown[0]}) whose layout gradpruner does not know (which rows are which expert projection, "
             f"what its checkpoint calls them); use one of {', '.join(sorted(UNITS))} or add the layout to "
-            "gradpruner.pruning.experts.UNITS.")
+            "gradpruner.models.experts.UNITS.")
     return found
 
 
 def expert_parameter_names(model) -> list[str]:
     """Full names of every fused expert parameter in the decoder layers (LoRA targets), in order."""
-    from gradpruner.models.architectures import decoder_layer_prefix
-
     per_layer = expert_params(model)
     if not any(per_layer.values()):
         return []
@@ -129,7 +125,7 @@ def split_shapes(shape_a, shape_b, experts: int) -> tuple[tuple[int, ...], tuple
     return (experts, shape_a[0] // experts, shape_a[1]), (experts, shape_b[0], shape_b[1] // experts)
 
 
-# --- merge units: one expert's projection -----------------------------------------------------
+# --- units (one expert's projection) and checkpoint names --------------------------------------
 
 def blocks(model_type: str, rel: str, param_shape) -> list[tuple[str, int, slice]]:
     """(checkpoint name inside the layer, expert, rows of W[e]) for every unit of a fused parameter."""
@@ -139,64 +135,14 @@ def blocks(model_type: str, rel: str, param_shape) -> list[tuple[str, int, slice
             for e in range(param_shape[0]) for k, pattern in enumerate(names)]
 
 
-def block_igia(f, keys: set[str], name: str, expert: int, rows: slice, shape, path) -> torch.Tensor:
-    """F_W of one expert's rows ``rows`` of the fused parameter ``name`` (full name), from its factors."""
-    from gradpruner.scoring.igia import igia_matrix
-
-    if f"{name}.grad_A" not in keys or f"{name}.grad_B" not in keys:
-        raise GradPrunerError(f"IGIA file {path} has no factors for {name}; score this model again "
-                              "(the file may come from another model or gradpruner version).")
-    grad_a = f.get_slice(f"{name}.grad_A")[:, expert]
-    grad_b = f.get_slice(f"{name}.grad_B")[:, expert, rows.start:rows.stop]
-    if tuple(grad_b.shape[1:2]) + tuple(grad_a.shape[2:]) != tuple(shape):
-        raise GradPrunerError(f"IGIA factors for {name} in {path} do not fit this model's expert {expert} "
-                              f"({tuple(shape)}); score this model again.")
-    return igia_matrix(grad_b, grad_a)
-
-
-def merge_expert_block(w_dst, srcs, rule: str, density: float, igia, dst_f=None):
-    """Merge one expert unit: ``srcs = [(W_src, locate_src)]``; ``igia(locate)`` gives F or None."""
-    from gradpruner.pruning.merging import TRIM, merge_module
-
-    pairs = [(w, igia(loc) if TRIM[rule] == "igia" else None) for w, loc in srcs]
-    return merge_module(w_dst, pairs, rule, density, igia(dst_f) if rule == "fisher" else None)
-
-
-def merge_layers(model, by_target: dict[int, list[int]], f, keys, path, rule: str, density: float) -> dict:
-    """In-memory: merge every expert unit of the sources into the same unit of their target, in place."""
-    from gradpruner.models.architectures import decoder_layer_prefix
-
-    per_layer = expert_params(model)
-    if not any(per_layer.values()):
-        return {}
-    prefix, mt, stats = decoder_layer_prefix(model), _model_type(model), {}
-
-    def igia(loc):
-        layer, rel, e, rows, shape = loc
-        return block_igia(f, keys, f"{prefix}.{layer}.{rel}", e, rows, shape, path)
-
-    for t in sorted(by_target):
-        for rel, dst in per_layer[t].items():
-            srcs = [s for s in sorted(by_target[t]) if rel in per_layer[s]]
-            if not srcs:
-                continue
-            _, per_unit = merge_fused(dst.data, [(per_layer[s][rel], (s, rel)) for s in srcs], rule, density, igia,
-                                      (t, rel), mt, out=dst.data)  # in place, unit by unit
-            stats.update({f"{prefix}.{t}.{u}": {"sources": [f"{prefix}.{s}.{u}" for s in srcs], **st}
-                          for u, st in per_unit.items()})
-    return stats
-
-
-# --- checkpoints: the names save_pretrained writes --------------------------------------------
-
 def checkpoint_names(model) -> set[str]:
     """Every tensor name a checkpoint of ``model`` may hold: its own parameter names (fused experts)
     and the per-expert names ``save_pretrained`` writes (with the model type's renames)."""
     names = set(model.state_dict())
-    mt = _model_type(model)
+    mt = model_type(model)
     if mt not in UNITS:
         return names
-    prefix = _prefix(model)
+    prefix = decoder_layer_prefix(model)
     legacy = set()
     for i, params in expert_params(model).items():
         for rel, p in params.items():
@@ -207,16 +153,10 @@ def checkpoint_names(model) -> set[str]:
     return names | legacy
 
 
-def _prefix(model) -> str:
-    from gradpruner.models.architectures import decoder_layer_prefix
-
-    return decoder_layer_prefix(model)
-
-
 def checkpoint_units(model, files) -> dict[int, dict[str, tuple]]:
     """Layer -> {tensor name inside the layer: (fused rel, expert, rows)} for the expert tensors of a
     checkpoint with names ``files``: per-expert 2D tensors, or the fused 3D ones (expert None)."""
-    per_layer, mt, prefix = expert_params(model), _model_type(model), _prefix(model)
+    per_layer, mt, prefix = expert_params(model), model_type(model), decoder_layer_prefix(model)
     out: dict[int, dict[str, tuple]] = {}
     for i, params in per_layer.items():
         out[i] = {}
@@ -226,50 +166,3 @@ def checkpoint_units(model, files) -> dict[int, dict[str, tuple]]:
             else:
                 out[i].update({f"{unit}.weight": (rel, e, rows) for unit, e, rows in blocks(mt, rel, p.shape)})
     return out
-
-
-def merge_fused(w_dst, srcs, rule: str, density: float, igia, dst_loc, model_type: str, out=None):
-    """A whole fused [E, out, in] tensor, unit by unit (both prune paths).
-    ``srcs = [(W_src, (layer, rel))]``; ``dst_loc = (layer, rel)``; returns (new tensor, per-unit stats).
-    ``out``: the tensor to write into (``w_dst`` itself merges in place: each unit reads only its own
-    rows before writing them); default a copy of ``w_dst``."""
-    new, stats = (w_dst.clone() if out is None else out), {}
-    rel = dst_loc[1]
-    for unit, e, rows in blocks(model_type, rel, w_dst.shape):
-        shape = tuple(w_dst[e, rows].shape)
-        pairs = [(w[e, rows], (loc[0], rel, e, rows, shape)) for w, loc in srcs]
-        new[e, rows], stats[unit] = merge_expert_block(w_dst[e, rows], pairs, rule, density, igia,
-                                                       (dst_loc[0], rel, e, rows, shape))
-    return new, stats
-
-
-class StreamedExperts:
-    """Expert merges of the out-of-core path (``shards``): the units, F slices and ``merge_module``
-    calls of ``merge_layers``, on checkpoint tensors (per-expert 2D ones, or the fused 3D ones)."""
-
-    def __init__(self, skeleton, files):
-        self.prefix, self.model_type = _prefix(skeleton), _model_type(skeleton)
-        self.units = {i: u for i, u in checkpoint_units(skeleton, files).items() if u}
-        self.where = {f"{self.prefix}.{i}.{n}": (i, loc) for i, u in self.units.items() for n, loc in u.items()}
-
-    def owns(self, name: str) -> bool:
-        return name in self.where
-
-    def merge(self, name: str, w, sources: list[str], read, merger) -> tuple[torch.Tensor, dict]:
-        """(merged tensor ``name``, stats by unit name); ``merger`` gives the rule and the factor file."""
-        prefix, (i, (rel, e, rows)) = self.prefix, self.where[name]
-
-        def igia(loc):
-            layer, rel_, e_, rows_, shape = loc
-            return block_igia(merger.file, merger.keys, f"{prefix}.{layer}.{rel_}", e_, rows_, shape, merger.factors)
-
-        srcs = [(read(s), self.where[s][0]) for s in sources]
-        if e is None:  # a fused [E, out, in] tensor in the checkpoint
-            new, per_unit = merge_fused(w, [(ws, (j, rel)) for ws, j in srcs], merger.rule, merger.density,
-                                        igia, (i, rel), self.model_type)
-            return new, {f"{prefix}.{i}.{u}": {"sources": [f"{prefix}.{j}.{u}" for _, j in srcs], **st}
-                         for u, st in per_unit.items()}
-        shape = tuple(w.shape)
-        new, st = merge_expert_block(w, [(ws, (j, rel, e, rows, shape)) for ws, j in srcs], merger.rule,
-                                     merger.density, igia, (i, rel, e, rows, shape))
-        return new, {name[: -len(".weight")]: {"sources": [s[: -len(".weight")] for s in sources], **st}}
