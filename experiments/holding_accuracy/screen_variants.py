@@ -93,7 +93,9 @@ def main(argv=None):
     held = load_examples(task=args.task, split="eval", seed=0)[VAL_OFFSET:VAL_OFFSET + VAL_LIMIT]
     ctx = selection.Context(model, tok, tokenize(train, tok, max_length=384), seed=0, calib_examples=64)
     rankings = {"igia": sc["layer_scores"]}
-    rankings.update(variants.all_variants(model, sc, Path(args.scores) / "igia.safetensors", ctx))
+    stats = variants.residual_scales(model, ctx.batches())  # the re-weighting variants need no other statistics
+    rankings.update({name: fn(model, sc, Path(args.scores) / "igia.safetensors", stats)
+                     for name, (fn, need) in variants.VARIANTS.items() if need in (None, "residual")})
     for m in ("block_influence", "removal_taylor"):
         rankings[m] = selection.METHODS[m].fn(ctx)["layer_scores"]
     constraints = {"": (0, None), "+pl2": (2, None), "+mb3": (0, 3), "+pl2mb3": (2, 3)}

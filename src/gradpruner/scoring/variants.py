@@ -197,9 +197,3 @@ def statistics(name: str, ctx) -> dict | None:
 def variant_scores(name: str, model, sc: dict, factors: Path, stats: dict | None) -> list[float]:
     """One variant's layer scores for a finished IGIA run (``api.score`` with ``method=name``)."""
     return VARIANTS[name][0](model, sc, factors, stats)
-
-
-def all_variants(model, sc: dict, factors: Path, ctx) -> dict[str, list[float]]:
-    """The re-weighting variants' layer scores for one IGIA run (the screen in bench/screen_variants.py)."""
-    stats = residual_scales(model, ctx.batches())
-    return {name: fn(model, sc, factors, stats) for name, (fn, need) in VARIANTS.items() if need in (None, "residual")}
