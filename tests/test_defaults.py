@@ -12,6 +12,7 @@ from gradpruner.evaluation.config import EvalConfig
 from gradpruner.evaluation.evaluate import evaluate
 from gradpruner.finetuning.config import FinetuneConfig
 from gradpruner.finetuning.finetune import finetune
+from gradpruner.healing.config import HealConfig
 from gradpruner.pipeline.config import RunConfig, load_config
 from gradpruner.pipeline.demo import demo_config
 from gradpruner.planning.config import PlanConfig
@@ -24,11 +25,12 @@ MINIMAL = {  # the required arguments of each command, nothing else
     "score": (ScoreConfig, ["--model", "m", "--task", "arc_easy", "--out", "o"]),
     "plan": (PlanConfig, ["--scores", "s.json", "--out", "o"]),
     "prune": (PruneConfig, ["--model", "m", "--plan", "p.json", "--out", "o"]),
+    "heal": (HealConfig, ["--model", "m", "--pruned", "p", "--plan", "p.json", "--task", "arc_easy", "--out", "o"]),
     "finetune": (FinetuneConfig, ["--model", "m", "--task", "arc_easy", "--out", "o"]),
     "eval": (EvalConfig, ["--model", "m", "--task", "arc_easy"]),
 }
-API = {ScoreConfig: api.score, PlanConfig: api.plan, PruneConfig: api.prune, FinetuneConfig: finetune,
-       EvalConfig: evaluate}
+API = {ScoreConfig: api.score, PlanConfig: api.plan, PruneConfig: api.prune, HealConfig: api.heal,
+       FinetuneConfig: finetune, EvalConfig: evaluate}
 
 
 @pytest.mark.parametrize("command", MINIMAL)
@@ -64,7 +66,7 @@ def test_run_sections_are_the_stage_configs():
     cfg = RunConfig()
     assert isinstance(cfg.score, ScoreConfig) and isinstance(cfg.plan, PlanConfig)
     assert isinstance(cfg.prune, PruneConfig) and isinstance(cfg.finetune, FinetuneConfig)
-    assert isinstance(cfg.eval, EvalConfig)
+    assert isinstance(cfg.eval, EvalConfig) and isinstance(cfg.heal, HealConfig)
     assert load_config(None) == cfg  # an empty YAML file gives the same defaults
 
 
@@ -77,6 +79,11 @@ def test_one_default_method_and_merge_count_everywhere():
     assert load_config(ROOT / "configs" / "demo.yaml") == demo
     readme = (ROOT / "README.md").read_text()
     assert re.search(rf"default[^.\n]*`{method}`|`{method}`[^.\n]*default", readme), "the README must name the default method"
+
+
+def test_prune_heal_defaults_to_the_heal_config():
+    args = build_parser().parse_args(["prune", *MINIMAL["prune"][1]])
+    assert args.heal == HealConfig().rule == "none"
 
 
 def test_every_flag_is_documented():

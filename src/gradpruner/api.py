@@ -1,4 +1,4 @@
-"""The Python API: score → plan → prune. The CLI is a thin layer over these functions.
+"""The Python API: score → plan → prune (→ heal). The CLI is a thin layer over these functions.
 
 Each stage validates everything it can before expensive work, writes readable files atomically
 (``scores.json`` + ``igia.safetensors``, ``plan.json``, a ``save_pretrained`` folder) and records its
@@ -16,6 +16,7 @@ import torch
 from gradpruner.data.examples import load_examples, tokenize
 from gradpruner.data.tasks import SPLIT_SEED
 from gradpruner.errors import Collect, GradPrunerError, lookup
+from gradpruner.healing.config import HealConfig
 from gradpruner.measure.costs import param_counts
 from gradpruner.models import architectures, experts
 from gradpruner.models.loading import (
@@ -266,9 +267,14 @@ def _hidden_plan(scores, data: dict, layer_plan: dict) -> dict:
 # --- prune ------------------------------------------------------------------------------------
 
 def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path | None = None,
-          config: PruneConfig | None = None, *, overwrite: bool = False, trust_remote_code: bool = False,
-          allow_pickle: bool = False, **settings) -> dict:
+          config: PruneConfig | None = None, *, heal: str | HealConfig | None = None, task: str | None = None,
+          data: str | Path | None = None, data_dir: str | Path | None = None, overwrite: bool = False,
+          trust_remote_code: bool = False, allow_pickle: bool = False, **settings) -> dict:
     """Merge, remove layers and save a standard checkpoint to ``out``.
+
+    ``heal`` (a heal rule's name, or a ``HealConfig``) other than ``none`` heals the pruned model in the
+    same call on ``task``/``data`` (see ``heal``): ``out`` then holds the healed checkpoint, the result
+    gets its heal.json record under ``"heal"``, and the unhealed one is not kept.
 
     The settings are the fields of ``PruneConfig`` (``density``, ``merge_rule``, ``out_of_core``,
     ``max_shard_size``): pass ``config`` or any of them as keywords. ``out_of_core`` True streams the
@@ -277,6 +283,10 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
     (a local safetensors folder with the model's own tensor names, no hidden-size pruning). Both
     write the same tensors."""
     c = options.settings(PruneConfig, config, settings, "prune setting")
+    healing = heal if isinstance(heal, HealConfig) or heal is None else HealConfig(rule=heal)
+    if healing is not None and healing.rule != "none":
+        return _prune_and_heal(model, plan, out, igia, c, healing, task=task, data=data, data_dir=data_dir,
+                               overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     density, merge_rule, out_of_core, max_shard_size = c.density, c.merge_rule, c.out_of_core, c.max_shard_size
     from gradpruner.models.loading import save_model
     from gradpruner.pruning.merging import MERGE_RULES, check_density, needs_igia
@@ -312,6 +322,31 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
                                                            trust_remote_code, allow_pickle)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_model(model_obj, tok, tmp, extra_files={"gradpruner.json": meta})
+    return meta
+
+
+def _prune_and_heal(model, plan, out, igia, config: PruneConfig, healing: HealConfig, *, task, data, data_dir,
+                    overwrite: bool, trust_remote_code: bool, allow_pickle: bool) -> dict:
+    """Prune into a hidden folder beside ``out``, heal from it into ``out``, remove the folder."""
+    import tempfile
+
+    from gradpruner.healing.config import config_problems
+    from gradpruner.healing.rules import HEAL_RULES
+
+    with Collect() as check:  # the heal inputs, before the pruning work
+        check(lookup, HEAL_RULES, healing.rule, "heal rule")
+        check.problems.extend(config_problems(healing))
+        check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
+        source = check(resolve_model, model)
+        check(check_output, out, overwrite, inputs=(source if isinstance(source, Path) else None,))
+    parent = Path(out).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=f".{Path(out).name}.unhealed-") as tmp:
+        meta = prune(model, plan, Path(tmp) / "pruned", igia, config, trust_remote_code=trust_remote_code,
+                     allow_pickle=allow_pickle)
+        meta["heal"] = heal(model, Path(tmp) / "pruned", out, plan, task=task, data=data, data_dir=data_dir,
+                            config=healing, overwrite=overwrite, trust_remote_code=trust_remote_code,
+                            allow_pickle=allow_pickle)
     return meta
 
 
@@ -384,3 +419,79 @@ def _check_factor_names(factors: Path, the_plan: dict, merge_rule: str) -> None:
             f"IGIA file {factors} has no gradient factors for layer(s) {missing} that the plan merges; "
             "score the same model again or change the plan."
         )
+
+
+# --- heal -------------------------------------------------------------------------------------
+
+def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path | dict, task: str | None = None,
+         data: str | Path | None = None, data_dir: str | Path | None = None, config: HealConfig | None = None, *,
+         overwrite: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False, **settings) -> dict:
+    """Heal a pruned model against its dense original and save a standard checkpoint with heal.json to ``out``.
+
+    The settings are the fields of ``HealConfig`` (``rule``, ``objective``, ``tokens``, ``alpha``,
+    ``calib_examples``, …): pass ``config`` or any of them as keywords. ``plan`` is the plan that made
+    ``pruned`` from ``model_dense``. For every run of removed layers with a kept layer before it, a
+    linear map fitted on task training examples is folded into that layer's down_proj (ReplaceMe; see
+    ``healing.rules``); heal.json records each cut's hidden-state error and the held-out loss before and after.
+    """
+    from gradpruner.healing.config import config_problems
+    from gradpruner.healing.heal import heal_model, make_batches, split_features
+    from gradpruner.healing.rules import HEAL_RULES
+    from gradpruner.models.loading import save_model
+
+    c = options.settings(HealConfig, config, settings, "heal setting")
+    with Collect() as check:  # every problem with the inputs, in one message, before any work
+        check(lookup, HEAL_RULES, c.rule, "heal rule")
+        check.problems.extend(config_problems(c))
+        dense = check(resolve_model, model_dense)
+        dense_config = check(check_model, dense, trust_remote_code, allow_pickle) if dense is not None else None
+        small = check(resolve_model, pruned)
+        small_config = check(check_model, small, trust_remote_code, allow_pickle) if small is not None else None
+        raw_plan = plan if isinstance(plan, dict) else check(_read_plan, plan)
+        the_plan = None if raw_plan is None else check(
+            planning.validate_plan, raw_plan, dense_config.num_hidden_layers if dense_config is not None else None)
+        if the_plan is not None and small_config is not None and dense_config is not None:
+            check(_check_heal_plan, the_plan, dense, small, dense_config, small_config)
+        inputs = tuple(p for p in (dense, small) if isinstance(p, Path))
+        check(check_output, out, overwrite, inputs=inputs)
+        examples = check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
+    dense_model = load_model(dense, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    small_model = load_model(small, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    tok = load_tokenizer(small, trust_remote_code)
+    fit, held = split_features(tokenize(examples, tok, max_length=c.max_length), c.calib_examples, c.heldout_examples)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dense_model.to(device)
+    small_model.to(device)
+    report = heal_model(dense_model, small_model, the_plan["keep"], make_batches(fit, tok.pad_token_id, c.batch_size, device),
+                        make_batches(held, tok.pad_token_id, c.batch_size, device), c)
+    del dense_model
+    report.update({"model": str(dense), "pruned": str(small), "task": task, "data": str(data) if data else None,
+                   "plan": {k: the_plan[k] for k in ("num_layers", "keep", "drop")}, "versions": versions()})
+    extra = {"heal.json": report}
+    if isinstance(small, Path) and (small / "gradpruner.json").is_file():
+        extra["gradpruner.json"] = read_json(small / "gradpruner.json", "Prune record")
+    dtype = getattr(small_config, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float32:
+        small_model.to(dtype)  # fitted in float32, saved as the pruned checkpoint was
+        small_model.config.dtype = dtype
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_model(small_model, tok, tmp, extra_files=extra)
+    return report
+
+
+def _check_heal_plan(the_plan: dict, dense, small, dense_config, small_config) -> None:
+    """The plan made ``small`` from ``dense``: layer-level, as many kept layers as ``small`` has, same width."""
+    if the_plan.get("granularity") == "hidden" or the_plan.get("hidden") is not None:
+        raise GradPrunerError("The plan prunes the hidden size, not whole layers; healing folds a map across removed "
+                              "layers, so use a layer plan (plan --granularity layer).")
+    if len(the_plan["keep"]) != small_config.num_hidden_layers:
+        raise GradPrunerError(f"The plan keeps {len(the_plan['keep'])} layers but the pruned model {small} has "
+                              f"{small_config.num_hidden_layers}; give the plan that pruned it.")
+    if getattr(dense_config, "hidden_size", None) != getattr(small_config, "hidden_size", None):
+        raise GradPrunerError(f"The pruned model {small} has hidden size {small_config.hidden_size}, the dense model "
+                              f"{dense} {dense_config.hidden_size}; give the dense model it was pruned from.")
+    record = Path(str(small)) / "gradpruner.json"
+    made = read_json(record, "Prune record").get("plan") if record.is_file() else None
+    if isinstance(made, dict) and made.get("keep") is not None and sorted(made["keep"]) != the_plan["keep"]:
+        raise GradPrunerError(f"The pruned model {small} was made by a plan keeping layers {sorted(made['keep'])}, not "
+                              f"{the_plan['keep']}; give the plan that pruned it.")

@@ -12,10 +12,11 @@ from pathlib import Path
 from gradpruner.errors import GradPrunerError
 from gradpruner.evaluation.config import EvalConfig
 from gradpruner.finetuning.config import FinetuneConfig
+from gradpruner.healing.config import HealConfig
 from gradpruner.planning.config import DEFAULT_PRUNE, PlanConfig
 from gradpruner.pruning.config import PruneConfig
 from gradpruner.scoring.config import ScoreConfig
-from gradpruner.util.options import add_options, from_args
+from gradpruner.util.options import add_options, defaults, from_args
 
 
 def _add_model(p, required=True):
@@ -75,7 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--igia", help="igia.safetensors (default: beside the plan's scores file)")
     add_options(r, PruneConfig)
     r.add_argument("--in-memory", dest="out_of_core", action="store_false", help="load the whole model (= --no-out-of-core)")
-    _add_out(r, "folder for the pruned checkpoint")
+    r.add_argument("--heal", default=defaults(HealConfig)["rule"], metavar="RULE",
+                   help="heal the pruned model in the same command with this heal rule and the other heal settings' "
+                   "defaults: none (default), lstsq or trained; needs --task or --data (see docs/heal.md)")
+    _add_data(r, required=False)
+    _add_out(r, "folder for the pruned (with --heal: healed) checkpoint")
+
+    h = sub.add_parser("heal", help="fold a linear map across each cut of a pruned model (ReplaceMe); save a checkpoint "
+                       "and heal.json")
+    _add_model(h)
+    h.add_argument("--pruned", required=True, help="the pruned model (same kinds of input as --model, the dense one)")
+    h.add_argument("--plan", required=True, help="plan.json that made --pruned from --model")
+    _add_data(h, required=True)
+    add_options(h, HealConfig)
+    _add_out(h, "folder for the healed checkpoint and heal.json")
 
     f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the task: LoRA merged into the weights, or full")
     _add_model(f)
@@ -165,8 +179,17 @@ def _run(args) -> int:
         print(plan_summary(res))
         print(f"wrote {args.out}")
     elif args.command == "prune":
-        api.prune(args.model, args.plan, args.out, igia=args.igia, config=from_args(PruneConfig, args),
-                  overwrite=args.overwrite, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        res = api.prune(args.model, args.plan, args.out, igia=args.igia, config=from_args(PruneConfig, args),
+                        heal=args.heal, task=args.task, data=args.data, data_dir=args.data_dir, overwrite=args.overwrite,
+                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        if "heal" in res:
+            print(_heal_summary(res["heal"]))
+        print(f"wrote {args.out}")
+    elif args.command == "heal":
+        res = api.heal(args.model, args.pruned, args.out, args.plan, task=args.task, data=args.data,
+                       data_dir=args.data_dir, config=from_args(HealConfig, args), overwrite=args.overwrite,
+                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        print(_heal_summary(res))
         print(f"wrote {args.out}")
     elif args.command == "finetune":
         from gradpruner.finetuning.finetune import finetune
@@ -227,6 +250,17 @@ def _run(args) -> int:
 
         run_demo(args)
     return 0
+
+
+def _heal_summary(res: dict) -> str:
+    def f(x):
+        return "–" if x is None else f"{x:.4f}"
+
+    lines = [f"cut {c['removed']}: {c['status']}, hidden-state error {f(c['error_before'])} → {f(c['error_after'])}"
+             for c in res["cuts"]]
+    loss = res["loss"]
+    lines.append(f"held-out loss {f(loss['before'])} → {f(loss['after'])} (dense {f(loss['dense'])}), rule {res['rule']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import yaml
 from gradpruner.errors import GradPrunerError
 from gradpruner.evaluation.config import EvalConfig
 from gradpruner.finetuning.config import FinetuneConfig
+from gradpruner.healing.config import HealConfig, config_problems
 from gradpruner.planning.config import PlanConfig
 from gradpruner.pruning.config import PruneConfig
 from gradpruner.scoring.config import ScoreConfig
@@ -51,6 +52,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    heal: HealConfig = field(default_factory=HealConfig)  # rule none: no heal stage
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
 
@@ -237,6 +239,23 @@ def _check_methods(cfg: RunConfig) -> list[str]:
         out.append(f"plan.granularity hidden ranks hidden dimensions by IGIA; use score.method igia, not {cfg.score.method}.")
     if cfg.score.adapter not in ("lora", "dora"):
         out.append(f"score.adapter is {cfg.score.adapter!r}; use lora or dora.")
+    return out + _check_heal(cfg)
+
+
+def _check_heal(cfg: RunConfig) -> list[str]:
+    from gradpruner.errors import lookup
+    from gradpruner.healing.rules import HEAL_RULES
+
+    try:
+        lookup(HEAL_RULES, cfg.heal.rule, "heal rule (heal.rule)")
+    except GradPrunerError as exc:
+        return list(exc.problems)
+    if cfg.heal.rule == "none":
+        return []
+    out = config_problems(cfg.heal, "heal.")
+    if cfg.plan.granularity == "hidden":
+        out.append("heal.rule folds a map across removed layers, but plan.granularity hidden removes none; set "
+                   "heal.rule: none or plan.granularity: layer.")
     return out
 
 

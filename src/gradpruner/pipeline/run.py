@@ -1,4 +1,4 @@
-"""``gradpruner run``: dense fine-tune → score → plan → prune → fine-tune → evaluate → report.
+"""``gradpruner run``: dense fine-tune → score → plan → prune (→ heal) → fine-tune → evaluate → report.
 
 Every stage writes its files into the run folder and a record ``stages/<name>.json`` holding a key
 (a hash of the config that stage depends on, chained through the stages it reads from), its wall
@@ -70,13 +70,17 @@ class Run:
         self.keys["score"] = _key(self.keys["data"], _section("score", cfg.score), *laco)
         self.keys["plan"] = _key(self.keys["score"], _section("plan", cfg.plan))
         self.keys["prune"] = _key(self.keys["plan"], _section("prune", cfg.prune))
+        pruned = "prune"  # the stage whose model the pruned fine-tune and eval start from
+        if cfg.heal.rule != "none":  # no heal stage, and every key as before, while heal.rule is none
+            self.keys["heal"] = _key(self.keys["prune"], _section("heal", cfg.heal))
+            pruned = "heal"
         ft = {k: v for k, v in _section("finetune", cfg.finetune).items() if k != "dense_baseline"}
         self.keys["dense_ft"] = _key(self.keys["data"], {k: v for k, v in ft.items() if k not in DISTILL_KEYS})
         teacher = [self.keys["dense_ft"]] if cfg.finetune.distill == "dense_ft" else []
-        self.keys["pruned_ft"] = _key(self.keys["prune"], ft, *teacher)
+        self.keys["pruned_ft"] = _key(self.keys[pruned], ft, *teacher)
         ev = section_dict(cfg.eval)
         later = {k: v for k, v in _section("eval", cfg.eval).items() if k in LATER["eval"]}  # keyed only when set
-        for name, upstream in (("dense_zero_shot", "data"), ("dense_ft", "dense_ft"), ("pruned", "prune"),
+        for name, upstream in (("dense_zero_shot", "data"), ("dense_ft", "dense_ft"), ("pruned", pruned),
                                ("pruned_ft", "pruned_ft")):
             offset = [ev["offset"]] if ev["offset"] else []  # 0 leaves earlier keys unchanged
             self.keys[f"eval_{name}"] = _key(self.keys[upstream], ev["limit"], ev["encoder"], "eval", *offset,
@@ -242,6 +246,12 @@ def _prune(cfg: RunConfig, plan: Path, out: Path, fresh: bool) -> dict:
     return {"out": str(out)}
 
 
+def _heal(cfg: RunConfig, plan: Path, pruned: Path, out: Path, fresh: bool) -> dict:
+    res = api.heal(cfg.model, pruned, out, plan, **_data_args(cfg), config=cfg.heal, overwrite=True)
+    return {"rule": res["rule"], "loss": res["loss"],
+            "errors": [[c["error_before"], c["error_after"]] for c in res["cuts"]]}
+
+
 def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     from gradpruner.evaluation.config import EvalConfig
     from gradpruner.evaluation.evaluate import evaluate
@@ -306,12 +316,16 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
     r.stage("score", ["scores"], _score, cfg, at("score", "scores"))
     r.stage("plan", ["plan.json"], _plan, cfg, at("score", "scores/scores.json"), at("plan", "plan.json"))
     r.stage("prune", ["pruned"], _prune, cfg, at("plan", "plan.json"), at("prune", "pruned"))
+    pruned = at("prune", "pruned")
+    if cfg.heal.rule != "none":  # the healed model takes the pruned one's place downstream
+        r.stage("heal", ["healed"], _heal, cfg, at("plan", "plan.json"), pruned, at("heal", "healed"))
+        pruned = at("heal", "healed")
     teacher = {"dense_ft": str(at("dense_ft", "dense_ft")), "dense": cfg.model}.get(cfg.finetune.distill)
-    r.stage("pruned_ft", ["pruned_ft", "pruned_ft_finetune.json"], _finetune, cfg, str(at("prune", "pruned")),
+    r.stage("pruned_ft", ["pruned_ft", "pruned_ft_finetune.json"], _finetune, cfg, str(pruned),
             at("pruned_ft", "pruned_ft"), teacher=teacher)
     models = {"dense_zero_shot": cfg.model if cfg.eval.zero_shot_dense else None,
               "dense_ft": str(at("dense_ft", "dense_ft")) if cfg.finetune.dense_baseline else None,
-              "pruned": str(at("prune", "pruned")) if cfg.eval.pruned_no_finetune else None,
+              "pruned": str(pruned) if cfg.eval.pruned_no_finetune else None,
               "pruned_ft": str(at("pruned_ft", "pruned_ft"))}
     for name, model in models.items():
         if model is not None:

@@ -15,7 +15,7 @@ from gradpruner.util.tables import markdown_table
 ROWS = [("dense_zero_shot", "dense, zero-shot"), ("dense_ft", "dense, fine-tuned"),
         ("pruned", "pruned, no fine-tune"), ("pruned_ft", "GradPruner (pruned + fine-tuned)")]
 GRADPRUNER_PATH = ("score", "plan", "prune", "pruned_ft")
-STAGE_ORDER = ("dense_ft", "score", "plan", "prune", "pruned_ft", "eval_dense_zero_shot", "eval_dense_ft",
+STAGE_ORDER = ("dense_ft", "score", "plan", "prune", "heal", "pruned_ft", "eval_dense_zero_shot", "eval_dense_ft",
                "eval_pruned", "eval_pruned_ft")
 
 
@@ -31,6 +31,13 @@ def _fmt(x, digits=3):
     return f"{x:.{digits}f}"
 
 
+def _label(name: str, label: str, result: dict) -> str:
+    """A row's label; the pruned model's says so when the run evaluated it healed (its folder is ``healed``)."""
+    if name == "pruned" and Path(str(result.get("model", ""))).name == "healed":
+        return "pruned + healed, no fine-tune"
+    return label
+
+
 def _results_table(evals: dict) -> list[list[str]]:
     base = evals.get("dense_ft") or evals.get("dense_zero_shot")
     head = ["model", "metric", "value", "n", "parameters", "× dense", "GFLOPs/token", "× dense",
@@ -41,7 +48,7 @@ def _results_table(evals: dict) -> list[list[str]]:
         if not e:
             continue
         p, f = e["params"]["total"], e["flops_per_token"]["flops"]
-        rows.append([label, e["metric"], _fmt(e["value"]), str(e["n"]), _fmt(p),
+        rows.append([_label(name, label, e), e["metric"], _fmt(e["value"]), str(e["n"]), _fmt(p),
                      _fmt(p / base["params"]["total"]) if base else "–", _fmt(f / 1e9),
                      _fmt(f / base["flops_per_token"]["flops"]) if base else "–",
                      _fmt(e["latency"]["prefill_s"]), _fmt(e["latency"]["decode_tokens_per_s"], 1)])
@@ -54,12 +61,13 @@ def _cost_table(stages: dict) -> tuple[list[list[str]], str]:
     for name, rec in sorted(stages.items(), key=lambda kv: order.get(kv[0], len(order))):
         u = rec.get("usage", {})
         rows.append([name, _fmt(u.get("seconds"), 1), _fmt(u.get("peak_rss_mb"), 0)])
-    gp = sum(stages[s]["usage"]["seconds"] for s in GRADPRUNER_PATH if s in stages)
+    gp = sum(stages[s]["usage"]["seconds"] for s in GRADPRUNER_PATH + ("heal",) if s in stages)
     note = ""
     if "dense_ft" in stages and all(s in stages for s in GRADPRUNER_PATH):
         dense = stages["dense_ft"]["usage"]["seconds"]
         ft = stages["pruned_ft"]["usage"]["seconds"] / dense
-        note = (f"GradPruner path (score + plan + prune + fine-tune pruned): {gp:.0f} s; dense path "
+        heal = " + heal" if "heal" in stages else ""
+        note = (f"GradPruner path (score + plan + prune{heal} + fine-tune pruned): {gp:.0f} s; dense path "
                 f"(fine-tune dense): {dense:.0f} s; ratio {gp / dense:.2f} (fine-tuning alone: pruned/dense "
                 f"{ft:.2f}). The early scoring steps are counted in the "
                 "GradPruner path. Times from this run only (stages that were skipped keep the time of the run that made them).")
@@ -82,7 +90,7 @@ def build_blocks(run_dir: Path) -> list[tuple]:
         if first.get("encoder"):
             blocks.append(("p", (f"BERTScore encoder: {first['encoder']} (BERTScore's usual encoder is roberta-large, "
                                  "so these BERTScores are not comparable with published ones).")))
-        plot_bars({label: evals[n]["value"] for n, label in ROWS if n in evals}, run_dir / "accuracy.png",
+        plot_bars({_label(n, label, evals[n]): evals[n]["value"] for n, label in ROWS if n in evals}, run_dir / "accuracy.png",
                   ylabel=first["metric"], title="held-out score")
         blocks.append(("img", run_dir / "accuracy.png", "held-out score per model"))
     if scores and plan:
