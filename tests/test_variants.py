@@ -97,6 +97,8 @@ def test_every_variant_scores_from_the_igia_run(method, tiny_llama, qa_file, tmp
         assert data["layer_scores"] == pytest.approx([s / g for s, g in zip(igia, stats["grad_sq"])])
     elif method == "igia_scaled":
         assert data["layer_scores"] == pytest.approx([s * c for s, c in zip(igia, stats["input_ms"])])
+    elif method == "igia_greedy":  # its search: tests/test_greedy.py
+        assert stats["target"] == 3 and len(stats["greedy_order"]) == 3 and "batches" not in stats
     elif not method.startswith("igia_guarded"):  # the guards: test_guarded_variants_need_and_use_the_target
         assert stats is None
     plan = api.plan(tmp_path / "s" / "scores.json", tmp_path / "plan.json", prune=3, merge=1)

@@ -83,7 +83,8 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     batch_size, grad_accum, max_length, adapter = c.batch_size, c.grad_accum, c.max_length, c.adapter
     lora_dropout, max_grad_norm, calib_examples = c.lora_dropout, c.max_grad_norm, c.calib_examples
     steps_fraction, planned_steps = c.steps_fraction, c.planned_steps
-    options_ = {"laco_group": c.laco_group, "laco_threshold": c.laco_threshold}
+    options_ = {"laco_group": c.laco_group, "laco_threshold": c.laco_threshold, "greedy_pool": c.greedy_pool,
+                "greedy_pool_factor": c.greedy_pool_factor}
     target = DEFAULT_PRUNE if target is None else target
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         spec = check(lookup, METHODS, method, "scoring method")
@@ -121,7 +122,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
             stats = None
             if spec.kind == "variant" and tmp is not None:  # measured on the model as given, before any step
                 stats = statistics(method, Context(base, tok, features, seed=seed, calib_examples=calib_examples,
-                                                   batch_size=batch_size, target=target))
+                                                   batch_size=batch_size, target=target, options=options_))
             cb = IGIACallback(tmp or Path(out), steps=steps, module_layer=module_layer, num_layers=len(layer_params),
                               meta=meta)
             _train_lora(base, tok, features, names, cb, steps=steps, rank=rank, alpha=alpha, lr=lr,

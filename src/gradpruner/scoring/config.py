@@ -12,7 +12,8 @@ DEFAULT_METHOD = "igia_guarded"
 class ScoreConfig:
     method: str = opt(DEFAULT_METHOD, "layer-selection method: igia_guarded (IGIA among the layers block influence lets "
                       "go), igia (the paper's exact method), igia_norm, full_grad, block_influence, removal_loss, taylor, "
-                      "removal_taylor, magnitude, last_n, random, laco or another IGIA variant; see docs/methods.md")
+                      "removal_taylor, greedy_loss, magnitude, last_n, random, laco or another IGIA variant (igia_greedy: greedy "
+                      "removal by measured loss among the lowest-IGIA layers); see docs/methods.md")
     steps: int = opt(40, "early LoRA optimizer steps T to capture (at least 2: step 1 carries no signal)")
     steps_fraction: float | None = opt(None, "T as a fraction of planned_steps (floor 8), e.g. 0.01")
     planned_steps: int | None = opt(None, "optimizer steps of the planned fine-tuning run (with steps_fraction)")
@@ -29,3 +30,7 @@ class ScoreConfig:
     calib_examples: int = opt(64, "task examples for block_influence, taylor, laco and the guard of igia_guarded")
     laco_group: int = opt(4, "laco: layers per collapse (the base and group-1 merged into it)")
     laco_threshold: float = opt(0.65, "laco: keep a collapse if hidden states stay this cosine-similar")
+    greedy_pool: str = opt("all", "greedy_loss: the candidate layers, all or block_influence (the ⌈greedy_pool_factor · "
+                           "prune⌉ with the lowest block influence)", choices=("all", "block_influence"))
+    greedy_pool_factor: float = opt(2.0, "greedy_loss with greedy_pool block_influence, and igia_greedy: the pool is the "
+                                    "⌈factor · prune⌉ layers the guide (block influence, IGIA) ranks lowest")

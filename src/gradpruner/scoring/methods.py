@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random as _random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,13 @@ from tqdm.auto import tqdm
 from gradpruner.data.examples import PadCollator
 from gradpruner.errors import GradPrunerError
 from gradpruner.models import architectures
+from gradpruner.scoring.greedy import (
+    POOLS,
+    calib_loss,
+    greedy_removal,
+    lowest,
+    pool_size,
+)
 
 
 @dataclass
@@ -241,12 +249,37 @@ def removal_loss(ctx: Context) -> dict:
     ctx.model.eval()
 
     def loss_without(j: int | None) -> float:
-        with architectures.only_layers(ctx.model, [i for i in range(n) if i != j]), torch.no_grad():
-            return sum(float(ctx.model(**b, use_cache=False).loss) for b in batches) / len(batches)
+        return calib_loss(ctx.model, batches, [i for i in range(n) if i != j])
 
     base = loss_without(None)
     scores = [loss_without(j) - base for j in tqdm(range(n), desc="removal loss", unit="layer")]
     return {"layer_scores": scores, "calib_loss": base}
+
+
+def greedy_loss(ctx: Context) -> dict:
+    """Greedy removal by measured cost (SLEB / Shortened LLaMA iterative): ``target`` times, remove the
+    candidate whose removal, on top of those already removed, raises the calibration loss least
+    (``scoring.greedy``). Candidates: every layer (``greedy_pool: all``) or the ⌈greedy_pool_factor ·
+    target⌉ with the lowest block influence (``block_influence``, which also breaks ties)."""
+    pool = ctx.options.get("greedy_pool", "all")
+    if pool not in POOLS:
+        raise GradPrunerError(f"greedy_pool {pool!r} is not known; use {' or '.join(POOLS)} "
+                              "(IGIA's pool is the method igia_greedy).")
+    if ctx.target is None:
+        raise GradPrunerError("The greedy_loss method needs the number of layers to remove; pass --prune N "
+                              "to `gradpruner score` (the pipeline passes plan.prune).")
+    n = len(_layers(ctx.model))
+    start, guide, extra = time.perf_counter(), None, {}
+    candidates = list(range(n))
+    if pool == "block_influence":
+        guide = block_influence(ctx)["layer_scores"]
+        factor = float(ctx.options.get("greedy_pool_factor", 2.0))
+        candidates = lowest(guide, pool_size(ctx.target, n, factor))
+        extra = {"block_influence": guide, "greedy_pool_factor": factor}
+    res = greedy_removal(ctx.model, ctx.batches(), candidates, ctx.target, guide, desc="greedy loss")
+    res["forward_passes"] += 1 if guide is not None else 0  # block influence's pass over the batches
+    res["seconds"] = time.perf_counter() - start
+    return {**res, "greedy_pool": pool, **extra}
 
 
 # --- LaCo ------------------------------------------------------------------------------------
@@ -378,11 +411,13 @@ METHODS: dict[str, Method] = {
     "igia_scaled": Method(None, True, True, "Σ F times the mean square of the layer's input stream", "variant"),
     "igia_guarded": Method(None, True, True, "IGIA chooses among the layers block influence lets go (pool prune + ⌈prune/3⌉)", "variant"),
     "igia_guarded_loss": Method(None, True, True, "IGIA chooses among the layers whose removal alone costs least", "variant"),
+    "igia_greedy": Method(None, True, True, "greedy removal by measured loss among the ⌈f·prune⌉ lowest-IGIA layers", "variant"),
     "full_grad": Method(full_grad, True, False, "Eq. 3–4 on true dense-weight gradients (T full FT steps)"),
     "block_influence": Method(block_influence, False, False, "ShortGPT: 1 − cos(input, output) per layer"),
     "taylor": Method(taylor, False, False, "Σ |W ⊙ ∇W| per layer on task data (LLM-Pruner's first order)"),
     "removal_taylor": Method(removal_taylor, False, False, "|∂L/∂out · (out − in)| per layer: first-order loss change of removing it"),
     "removal_loss": Method(removal_loss, False, False, "Shortened LLaMA: calibration-loss increase when the layer alone is removed"),
+    "greedy_loss": Method(greedy_loss, False, False, "remove one layer at a time, the cheapest by measured calibration loss (SLEB)"),
     "magnitude": Method(magnitude, False, False, "Σ |W| per layer"),
     "last_n": Method(last_n, False, False, "drop the top layers"),
     "random": Method(random_order, False, False, "seeded random ranking"),

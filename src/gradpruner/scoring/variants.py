@@ -14,6 +14,10 @@ important. Each variant here uses the same factors (igia.safetensors) and change
 - ``igia_scaled``: the layer's Σ F times the mean square of the residual stream at its input (a
   layer's update is added to a stream of that scale; pre-norm layers see gradients ∝ 1/scale).
 
+The guards (``igia_guarded``, ``igia_guarded_loss``) let IGIA choose within a pool that a removal
+measure picks; ``igia_greedy`` turns it round: IGIA picks the pool and the measured loss chooses
+(``scoring.greedy``).
+
 Every function is pure over tensors and dicts, so tests check each against a direct computation.
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 
 from gradpruner.models import architectures
+from gradpruner.scoring.greedy import greedy_removal, lowest, pool_size
 from gradpruner.scoring.igia import igia_matrix, layer_scores
 
 
@@ -162,7 +167,19 @@ def _guarded(key):
     return fn
 
 
-# name -> (fn, statistics it needs: None, "residual", "block_influence" or "removal_loss")
+def _igia_greedy(m, sc, f, st):
+    """The greedy search by measured loss among the ⌈f·target⌉ lowest-IGIA layers, IGIA breaking ties.
+    It needs IGIA, so it runs after the steps, on the model as given (the adapter unloaded, weights
+    untouched): ``statistics`` leaves the calibration batches in ``st["batches"]``, which this consumes
+    and ``variant_scores`` makes sure never reaches scores.json."""
+    igia = sc["layer_scores_by_rule"]["igia"]
+    pool = lowest(igia, pool_size(st["target"], sc["num_layers"], st["greedy_pool_factor"]))
+    res = greedy_removal(m, st.pop("batches"), pool, st["target"], igia, desc="igia greedy")
+    st.update({k: v for k, v in res.items() if k != "layer_scores"})
+    return res["layer_scores"]
+
+
+# name -> (fn, statistics it needs: None, "residual", "block_influence", "removal_loss" or "greedy")
 VARIANTS: dict[str, tuple[Variant, str | None]] = {
     "igia_saliency": (_saliency, None),
     "igia_log": (lambda m, sc, f, st: log_mean(sc["module_scores"], sc["module_layer"], sc["num_layers"]), None),
@@ -171,12 +188,15 @@ VARIANTS: dict[str, tuple[Variant, str | None]] = {
     "igia_scaled": (lambda m, sc, f, st: rescaled(sc["layer_scores_by_rule"]["igia"], st["input_ms"], 1), "residual"),
     "igia_guarded": (_guarded("block_influence"), "block_influence"),
     "igia_guarded_loss": (_guarded("removal_loss"), "removal_loss"),
+    "igia_greedy": (_igia_greedy, "greedy"),
 }
+TARGETED_METHODS = ("greedy_loss",)  # direct methods whose scores depend on the count too (laco is keyed apart)
 
 
 def needs_target(name: str) -> bool:
-    """Variants whose scores depend on how many layers the plan removes (the guard's pool)."""
-    return VARIANTS.get(name, (None, None))[1] in ("block_influence", "removal_loss")
+    """Methods whose scores depend on how many layers the plan removes: the guarded variants (the
+    guard's pool), ``igia_greedy`` and ``greedy_loss`` (where the search stops, and its pool)."""
+    return name in TARGETED_METHODS or VARIANTS.get(name, (None, None))[1] in ("block_influence", "removal_loss", "greedy")
 
 
 def statistics(name: str, ctx) -> dict | None:
@@ -191,9 +211,17 @@ def statistics(name: str, ctx) -> dict | None:
     if ctx.target is None:
         raise GradPrunerError(f"Method {name} needs the number of layers to remove (--prune N / plan.prune) to size "
                               "its guard; give it, or use --method igia (the paper's method, whose scores do not depend on it).")
+    if need == "greedy":  # measured after the steps, once IGIA names the pool: the batches are kept for it
+        return {"target": ctx.target, "greedy_pool_factor": float(ctx.options.get("greedy_pool_factor", 2.0)),
+                "batches": ctx.batches()}
     return {need: METHODS[need].fn(ctx)["layer_scores"], "target": ctx.target}
 
 
 def variant_scores(name: str, model, sc: dict, factors: Path, stats: dict | None) -> list[float]:
-    """One variant's layer scores for a finished IGIA run (``api.score`` with ``method=name``)."""
-    return VARIANTS[name][0](model, sc, factors, stats)
+    """One variant's layer scores for a finished IGIA run (``api.score`` with ``method=name``); what it
+    measured is left in ``stats`` (for scores.json), the calibration batches taken out."""
+    try:
+        return VARIANTS[name][0](model, sc, factors, stats)
+    finally:
+        if stats is not None:
+            stats.pop("batches", None)
