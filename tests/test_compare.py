@@ -56,6 +56,7 @@ def test_compare_grid_shares_stages_and_writes_the_table(tiny_llama, tmp_path):
     assert plan["drop"] == [5, 6, 7]
     md = table.read_text()
     assert "| method | arc_easy | avg |" in md and "| last_n |" in md and "![accuracy](accuracy.png)" in md
+    assert "Δ vs" not in md and "reference" not in rows[0]  # no block_influence cell: no reference, no Δ
     assert len(list(csv.DictReader((tmp_path / "cmp" / "table.csv").open()))) == 3
     assert last_n["dense_ft"] == rows[0]["dense_ft"]
     # a second run computes nothing and gives the same table
@@ -63,6 +64,64 @@ def test_compare_grid_shares_stages_and_writes_the_table(tiny_llama, tmp_path):
     run_grid(path, echo=log.append, isolate=False)
     assert not [m for m in log if "→ " in m]
     assert json.loads((tmp_path / "cmp" / "table.json").read_text()) == rows
+
+
+def test_compare_pairs_each_method_with_the_reference(tiny_llama, tmp_path):
+    from gradpruner.pipeline.compare import write_table
+
+    methods = {"last_n": {"score.method": "last_n", "plan.merge": 0},
+               "block_influence": {"score.method": "block_influence", "plan.merge": 0}}
+    path = _write(tmp_path, tiny_llama, {"method": methods}, overrides=["eval.limit=24"])
+    table = run_grid(path, echo=lambda m: None, isolate=False)
+    cmp = tmp_path / "cmp"
+    rows = {r["method"]: r for r in json.loads((cmp / "table.json").read_text())}
+    ev = {m: json.loads((cmp / "cells" / f"method={m}" / "eval" / "pruned_ft.json").read_text()) for m in methods}
+    assert all(len(e["item_scores"]["values"]) == e["n"] == 24 for e in ev.values())
+    assert all(sum(e["item_scores"]["values"]) / e["n"] == pytest.approx(e["value"]) for e in ev.values())
+    last = rows["last_n"]
+    assert last["reference"] == "block_influence" and last["delta_vs_reference_note"] is None
+    assert last["delta_vs_reference"] == pytest.approx(ev["last_n"]["value"] - ev["block_influence"]["value"])
+    assert last["delta_vs_reference_low"] <= last["delta_vs_reference"] <= last["delta_vs_reference_high"]
+    assert last["delta_vs_reference_avg"] == pytest.approx(last["delta_vs_reference"])  # one task
+    ref = rows["block_influence"]
+    assert (ref["delta_vs_reference"], ref["delta_vs_reference_low"], ref["delta_vs_reference_high"]) == (0, 0, 0)
+    md = table.read_text()
+    assert "| method | arc_easy | avg | Δ vs block_influence (arc_easy) | Δ vs block_influence (avg) |" in md
+
+    def signed(v):
+        return f"{0.0 if abs(v) < 5e-4 else v:+.3f}".replace("-", "−")
+
+    shown = (f"{signed(last['delta_vs_reference'])} [{signed(last['delta_vs_reference_low'])}, "
+             f"{signed(last['delta_vs_reference_high'])}]")
+    assert f"| last_n | {last['pruned_ft']:.3f} | {last['pruned_ft']:.3f} | {shown} | {shown} |" in md
+    assert "| Δ vs block_influence |" in md and "excludes 0" in md
+    csv_rows = list(csv.DictReader((cmp / "table.csv").open()))
+    assert float(csv_rows[0]["delta_vs_reference"]) == pytest.approx(last["delta_vs_reference"])
+    # an evaluation from before per-item scores were kept: –, and a footnote says why
+    cells = load_grid(path)[1]
+    before = md
+    for m in methods:
+        f = cmp / "cells" / f"method={m}" / "eval" / "pruned_ft.json"
+        e = json.loads(f.read_text())
+        e.pop("item_scores")
+        f.resolve().write_text(json.dumps(e))
+    md = write_table(cmp, cells).read_text()
+    rows = {r["method"]: r for r in json.loads((cmp / "table.json").read_text())}
+    assert rows["last_n"]["delta_vs_reference"] is None and "no per-item scores" in rows["last_n"]["delta_vs_reference_note"]
+    assert f"| last_n | {last['pruned_ft']:.3f} | {last['pruned_ft']:.3f} | – | – |" in md
+    assert "- no per-item scores" in md and "method=last_n, method=block_influence" in md
+    plain = write_table(cmp, cells, reference=None).read_text()  # no reference: the table as before
+    assert "Δ" not in plain and all(line in before for line in plain.splitlines() if not line.startswith("|"))
+    table_lines = [(p, m) for p, m in zip(*[[x for x in t.splitlines() if x.startswith("|")] for t in (plain, before)])]
+    assert len(table_lines) == plain.count("\n|") and all(m.startswith(p) for p, m in table_lines)  # Δ columns appended
+    # the reference can be named; one that is no label is refused
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "reference": "blok_influence"}))
+    with pytest.raises(GradPrunerError, match="reference 'blok_influence' is not a label.*block_influence, last_n"):
+        load_grid(path)
+    path.write_text(yaml.safe_dump({**spec, "reference": "last_n"}))
+    assert main(["compare", str(path), "--table-only"]) == 0
+    assert "| Δ vs last_n |" in (cmp / "table.md").read_text()
 
 
 def test_compare_reuses_an_earlier_run_folder(tiny_llama, tmp_path):

@@ -301,6 +301,26 @@ def test_evaluate_mc_result_and_out_file(tiny, tok, tmp_path):
 
 
 @needs_data
+def test_item_scores_one_number_per_item_by_id(tiny, tok, tmp_path):
+    from gradpruner.evaluation.stats import paired_scores
+
+    res = evaluate(tiny, tok, "arc_easy", limit=5, batch_size=2, progress=False, item_scores=True)
+    items = res["item_scores"]
+    assert items["metric"] == "acc" and items["ids"] == [0, 1, 2, 3, 4] and set(items["values"]) <= {0.0, 1.0}
+    assert sum(items["values"]) / 5 == pytest.approx(res["value"]) and "details" not in res
+    later = evaluate(tiny, tok, "arc_easy", offset=3, limit=2, batch_size=2, progress=False, item_scores=True)
+    assert later["item_scores"]["ids"] == [3, 4] and later["item_scores"]["values"] == items["values"][3:]
+    assert paired_scores(res, res) == (items["values"], items["values"])
+    with pytest.raises(GradPrunerError, match="not the same held-out items"):
+        paired_scores(res, later)
+    assert "item_scores" not in evaluate(tiny, tok, "arc_easy", limit=2, progress=False)  # only when asked
+    fin = evaluate(tiny, tok, "fingpt_sentiment", limit=3, batch_size=2, progress=False, item_scores=True)
+    assert fin["item_scores"]["metric"] == "label_acc" and len(fin["item_scores"]["values"]) == 3
+    data = write_jsonl(tmp_path / "eval.jsonl", qa_rows(3))
+    assert "item_scores" not in evaluate(tiny, tok, data=data, progress=False, item_scores=True)  # loss is pooled
+
+
+@needs_data
 def test_evaluate_generative_tasks(tiny, tok):
     fin = evaluate(tiny, tok, "fingpt_sentiment", limit=3, batch_size=2, progress=False, details=True)
     assert fin["metric"] == "label_acc" and fin["n"] == 3 and "encoder" not in fin

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(s)
     _add_data(s, required=True)
-    s.add_argument("--prune", type=int, help="layers the plan will remove: sizes the guard of igia_guarded and tells "
-                   f"laco when to stop (default {DEFAULT_PRUNE}, the plan's default)")
+    s.add_argument("--prune", type=int, help="layers the plan will remove: sizes the guard of igia_guarded and the pools "
+                   f"of greedy_loss and igia_greedy, and tells laco and the greedy search when to stop (default "
+                   f"{DEFAULT_PRUNE}, the plan's default)")
     add_options(s, ScoreConfig)
     s.add_argument("--seed", type=int, default=0)
     _add_out(s, "folder for scores.json, igia.safetensors and layer_scores.png")
@@ -215,11 +216,16 @@ def _run(args) -> int:
 
         run(load_config(args.config, args.overrides))
     elif args.command == "compare":
-        from gradpruner.pipeline.compare import load_grid, run_grid, write_table
+        from gradpruner.pipeline.compare import (
+            load_grid,
+            reference_of,
+            run_grid,
+            write_table,
+        )
 
         if args.table_only:
             out, cells = load_grid(args.config, args.overrides)
-            print(f"wrote {write_table(out, cells)}")
+            print(f"wrote {write_table(out, cells, reference_of(args.config))}")
         elif args.dry_run:
             out, cells = load_grid(args.config, args.overrides)
             print("\n".join(f"  {Path(cfg.out).name}" for _, cfg in cells) + f"\n{len(cells)} cells -> {out}")

@@ -17,6 +17,8 @@ data is an error.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -227,7 +229,7 @@ def _mean(values: list[float]) -> float:
 def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.PathLike | None = None,
              split: str = "eval", data_dir: str | os.PathLike | None = None, seed: int = 0,
              config: EvalConfig | None = None, train_data: str | os.PathLike | None = None,
-             train_examples_guard: bool = True, details: bool = False, progress: bool = True,
+             train_examples_guard: bool = True, details: bool = False, item_scores: bool = False, progress: bool = True,
              out: str | os.PathLike | None = None, overwrite: bool = False,
              trust_remote_code: bool = False, allow_pickle: bool = False, **settings) -> dict:
     """Evaluate ``model`` on a task's held-out split, a file of a task's rows, or a prompt/completion file.
@@ -241,7 +243,8 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     packaged MiniLM). ``train_data`` is the user's training JSONL: any overlap is an error. With
     ``train_examples_guard`` (default) a task's eval items that are also in its training split are
     left out and counted, and evaluating on a train split is refused. ``details`` adds per-item
-    log-likelihoods or generations. ``out`` (checked before any work) receives the result as JSON.
+    log-likelihoods or generations. ``item_scores`` adds the headline metric of every item, by item id,
+    for paired comparisons (``stats.paired_scores``; docs/evaluation.md). ``out`` (checked before any work) receives the result as JSON.
     ``trust_remote_code`` / ``allow_pickle`` apply when ``model`` is loaded here.
 
     The settings (``limit``, ``offset``, ``batch_size``, ``metric``, ``max_new_tokens``, ``max_length``,
@@ -305,9 +308,21 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     result.update({k: v for k, v in extra.items() if k != "details"})
     if details:
         result["details"] = extra.get("details", [])
+    if item_scores and isinstance(per_item[chosen], list):  # loss is pooled over tokens: no per-item value
+        result["item_scores"] = _item_scores(chosen, per_item[chosen], rows, offset)
     if out is not None:
         save_result(result, out, overwrite=True)
     return result
+
+
+def _item_scores(metric: str, values: list[float], rows: list, offset: int) -> dict:
+    """One number per item: its id (position in the held-out items after the overlap guard, so equal
+    offsets and limits give equal ids) and its score, with a digest of the items' text to check that two
+    results scored the same items."""
+    keys = [_key(r.example if isinstance(r, EvalRow) else r) for r in rows]
+    digest = hashlib.sha256(json.dumps(keys, ensure_ascii=False).encode()).hexdigest()[:16]
+    return {"metric": metric, "ids": list(range(offset, offset + len(values))),
+            "values": [round(float(v), 6) for v in values], "digest": digest}
 
 
 def _eval_choices(model, tokenizer, spec, rows, batch_size, progress):

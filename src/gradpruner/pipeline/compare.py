@@ -8,6 +8,7 @@ A compare config names a base run config and the axes of the grid::
     store: results/store                 # optional (default OUT/store): share it between compare configs
     reuse: [results/smollm2_arc_easy]    # optional: earlier run folders whose finished stages are taken
     overrides: [finetune.max_steps=150]  # applied to every cell
+    reference: block_influence           # optional (this is the default): the label the others are paired with
     axes:
       method:                            # long form: label -> overrides of that cell
         igia: {}
@@ -18,7 +19,9 @@ A compare config names a base run config and the axes of the grid::
 
 Every cell is a normal run folder ``OUT/cells/<axis=label,...>``; stage outputs live once in
 ``OUT/store`` under their keys, so the dense fine-tune of a task and the IGIA scores are computed
-once and a finished cell is never recomputed. The table is written after every cell.
+once and a finished cell is never recomputed. The table is written after every cell. When an axis
+has the ``reference`` label, the table adds each cell's difference to the reference cell with the same
+other labels, with a paired bootstrap 95% interval over the same held-out items (``evaluation.stats``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import time
 from pathlib import Path
 
 from gradpruner.errors import Collect, GradPrunerError
+from gradpruner.evaluation.stats import paired_bootstrap, paired_scores
 from gradpruner.pipeline.config import RunConfig, config_from_dict, read_yaml_mapping
 from gradpruner.util.atomic import atomic_file, write_json
 from gradpruner.util.tables import markdown_table
@@ -56,7 +60,8 @@ def _plain_path(value, key: str) -> Path:
     return Path(text)
 
 
-KEYS = {"base", "out", "overrides", "axes", "store", "reuse"}
+KEYS = {"base", "out", "overrides", "axes", "store", "reuse", "reference"}
+DEFAULT_REFERENCE = "block_influence"  # the label every cell is paired with, when an axis has it
 
 
 def _grid_spec(path: Path) -> tuple[dict, dict, Path, list[str]]:
@@ -108,9 +113,31 @@ def load_grid(path: str | Path, extra: list[str] = ()) -> tuple[Path, list[tuple
             cells.append((labels, config_from_dict(base, overrides)))
         except GradPrunerError as exc:
             problems += [f"cell {name}: {p}" for p in exc.problems]
+    if "reference" in spec and spec["reference"] is not None:
+        problems += _reference_problems(spec["reference"], axes)
     if problems:
         raise GradPrunerError(*problems)
     return out, cells
+
+
+def _reference_problems(reference, axes: dict[str, list]) -> list[str]:
+    """A ``reference`` the compare config names must be the label of exactly one axis other than task."""
+    if not isinstance(reference, (str, int, float)) or isinstance(reference, bool):
+        return [f"Compare reference must be one label (a string), not {reference!r}."]
+    hits = [name for name, axis in axes.items() if name != "task" and str(reference) in [label for label, _ in axis]]
+    if len(hits) == 1:
+        return []
+    labels = sorted({label for name, axis in axes.items() if name != "task" for label, _ in axis})
+    if not hits:
+        return [(f"Compare reference {str(reference)!r} is not a label of an axis other than task; choose one of: "
+                 f"{', '.join(labels) or '(none: add an axis)'}.")]
+    return [f"Compare reference {str(reference)!r} is a label of several axes ({', '.join(hits)}); rename the labels."]
+
+
+def reference_of(path: str | Path) -> str:
+    """The label a compare config pairs every cell with (``reference``, default block_influence)."""
+    value = read_yaml_mapping(Path(path), "Compare config").get("reference")
+    return DEFAULT_REFERENCE if value is None else str(value)
 
 
 def _preflight(cells) -> None:
@@ -153,8 +180,8 @@ def run_grid(path: str | Path, extra: list[str] = (), echo=print, isolate: bool 
             checked=True)  # _preflight above
         if any("→ " in m for m in log):
             worked.append(time.monotonic() - t0)
-        write_table(out, cells)
-    return write_table(out, cells)
+        write_table(out, cells, reference_of(path))
+    return write_table(out, cells, reference_of(path))
 
 
 # --- the table ----------------------------------------------------------------------------
@@ -198,13 +225,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _pivot(rows: list[dict], axes: list[str]) -> list[list[str]]:
+def _pivot(rows: list[dict], axes: list[str], reference: str | None = None) -> list[list[str]]:
     """Table 1 layout: one row per combination of the non-task ``axes`` (plus the dense model), one
-    column per task, Avg."""
+    column per task, Avg; with ``reference`` (rows that have their Δ, from ``_add_deltas``) then one
+    "Δ vs REFERENCE (task)" column per task and one for avg."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     label_of = {id(r): ", ".join(str(r[a]) for a in axes) for r in rows}
     labels = list(dict.fromkeys(label_of.values()))
     table = [[", ".join(axes)] + tasks + ["avg"]]
+    deltas = [f"Δ vs {reference} ({t})" for t in (*tasks, "avg")] if reference is not None else []
+    table[0] += deltas
 
     def line(name, values):
         got = [v for v in values if v is not None]
@@ -213,10 +243,14 @@ def _pivot(rows: list[dict], axes: list[str]) -> list[list[str]]:
 
     for base, title in (("dense_zero_shot", "dense, zero-shot"), ("dense_ft", "dense, fine-tuned")):
         vals = [next((r[base] for r in rows if r["task"] == t and r[base] is not None), None) for t in tasks]
-        table.append(line(title, vals))
+        table.append(line(title, vals) + [""] * len(deltas))
     for label in labels:
         vals = [next((r["pruned_ft"] for r in rows if r["task"] == t and label_of[id(r)] == label), None) for t in tasks]
-        table.append(line(label, vals))
+        extra = []
+        if deltas:
+            mine = {r["task"]: r for r in rows if label_of[id(r)] == label}
+            extra = [_interval(mine[t]) if t in mine else "–" for t in tasks] + [_interval(next(iter(mine.values())), "_avg")]
+        table.append(line(label, vals) + extra)
     return table
 
 
@@ -225,17 +259,97 @@ def _md(table: list[list[str]]) -> str:
     return markdown_table(head, body)
 
 
+DELTA_COLS = ("reference", "delta_vs_reference", "delta_vs_reference_low", "delta_vs_reference_high",
+              "delta_vs_reference_avg", "delta_vs_reference_avg_low", "delta_vs_reference_avg_high")
+UNFINISHED = "not finished (this cell or its reference cell)"
+
+
+def _signed(v: float) -> str:
+    return f"{0.0 if abs(v) < 5e-4 else v:+.3f}".replace("-", "−")
+
+
+def _interval(row: dict, which: str = "") -> str:
+    """'+0.032 [−0.010, +0.071]' from a row's delta_vs_reference{which}, _low, _high; – without one."""
+    mean = row.get(f"delta_vs_reference{which}")
+    if mean is None:
+        return "–"
+    return f"{_signed(mean)} [{_signed(row[f'delta_vs_reference{which}_low'])}, {_signed(row[f'delta_vs_reference{which}_high'])}]"
+
+
+def _pruned_ft_eval(cfg: RunConfig) -> dict | None:
+    path = Path(cfg.out) / "eval" / "pruned_ft.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _add_deltas(rows: list[dict], cells: list[tuple[dict, RunConfig]], reference: str | None) -> str | None:
+    """Add to every row its pruned+FT difference to the reference cell (the same labels but the
+    reference's on its axis), paired over the same items with a bootstrap 95% interval, and the same over
+    all tasks' items concatenated (``_avg``); ``delta_vs_reference_note`` says why one is missing.
+    Returns the reference's axis, or None (no axis has the label: the rows stay as they were)."""
+    axis = next((a for a in (list(cells[0][0]) if cells else []) if a != "task"
+                 and any(labels[a] == reference for labels, _ in cells)), None)
+    if axis is None:
+        return None
+    evals = [_pruned_ft_eval(cfg) for _, cfg in cells]
+    where = {tuple(labels.items()): i for i, (labels, _) in enumerate(cells)}
+    pairs: list[tuple[list, list] | str] = []
+    for labels, e in zip((labels for labels, _ in cells), evals):
+        j = where.get(tuple({**labels, axis: reference}.items()))
+        try:
+            if e is None or j is None or evals[j] is None:
+                raise GradPrunerError(UNFINISHED)
+            pairs.append(paired_scores(e, evals[j]))
+        except GradPrunerError as exc:
+            pairs.append(str(exc))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    groups: dict[tuple, list[int]] = {}
+    for i, (labels, _) in enumerate(cells):
+        groups.setdefault(tuple((a, v) for a, v in labels.items() if a != "task"), []).append(i)
+    for members in groups.values():
+        got = {rows[i]["task"]: pairs[i] for i in members}
+        missing = next((p for p in (got.get(t, UNFINISHED) for t in tasks) if isinstance(p, str)), None)
+        avg = (paired_bootstrap([x for t in tasks for x in got[t][0]], [x for t in tasks for x in got[t][1]])
+               if missing is None else (None, None, None))
+        for i in members:
+            mean = paired_bootstrap(*pairs[i]) if not isinstance(pairs[i], str) else (None, None, None)
+            rows[i].update({"reference": reference, **dict(zip(DELTA_COLS[1:], (*mean, *avg))),
+                            "delta_vs_reference_note": pairs[i] if isinstance(pairs[i], str) else None})
+    return axis
+
+
+def _delta_notes(rows: list[dict], axes: list[str], reference: str, axis: str) -> list[str]:
+    """The table's words on the Δ columns: what they are, and why a cell shows –."""
+    parts = [(f"Δ vs {reference}: the pruned and fine-tuned model's metric minus that of the cell with "
+              f"{axis}={reference} and the same other labels, on the same held-out items, with a paired bootstrap "
+              "95% interval (10,000 resamples of the items). A difference is resolved only when its interval "
+              "excludes 0. The avg column pairs the items of all tasks together (a mean weighted by items)."), ""]
+    why: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("delta_vs_reference_note"):
+            why.setdefault(r["delta_vs_reference_note"], []).append(
+                ",".join(f"{a}={r[a]}" for a in axes))
+    if why:
+        parts += [f"Δ vs {reference} shows – where no interval could be formed:", ""]
+        parts += [f"- {reason}: {', '.join(names)}" for reason, names in why.items()] + [""]
+    return parts
+
+
 LONG_COLS = ("score_method", "metric", "removed", "merged", "merge_rule", "density", "dense_zero_shot", "dense_ft", "pruned",
              "pruned_ft", "delta_vs_dense_ft", "params_ratio", "n", "score_s", "pruned_ft_s", "dense_ft_s",
              "pruned_ft_loss_first", "pruned_ft_loss_last", "dense_ft_loss_first", "dense_ft_loss_last")
 
 
-def write_table(out: Path, cells: list[tuple[dict, RunConfig]]) -> Path:
-    """table.md (Table 1 layout + every cell), table.csv, table.json and plots in ``out``."""
+def write_table(out: Path, cells: list[tuple[dict, RunConfig]], reference: str | None = DEFAULT_REFERENCE) -> Path:
+    """table.md (Table 1 layout + every cell), table.csv, table.json and plots in ``out``; when an axis
+    has the label ``reference``, each cell's paired difference to it (``_add_deltas``) too."""
     rows = [_cell_row(labels, cfg) for labels, cfg in cells]
     axes = list(cells[0][0]) if cells else []
+    ref_axis = _add_deltas(rows, cells, reference)
     write_json(out / "table.json", rows)
     cols = axes + [c for c in ("task", *LONG_COLS) if c not in axes]
+    md_cols = list(cols)
+    if ref_axis is not None:
+        cols += [c for c in DELTA_COLS if c not in axes]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
     w.writeheader()
@@ -246,8 +360,13 @@ def write_table(out: Path, cells: list[tuple[dict, RunConfig]]) -> Path:
              "ran with the same data, fine-tuning budget and held-out items. Cells not finished show –.", ""]
     others = [a for a in axes if a != "task"]
     if others:
-        parts += [f"## By {', '.join(others)} (paper Table 1 layout)", "", _md(_pivot(rows, others)), ""]
-    parts += ["## Every cell", "", _md([cols] + [[_fmt(r.get(c)) for c in cols] for r in rows]), ""]
+        shown = reference if ref_axis is not None else None
+        parts += [f"## By {', '.join(others)} (paper Table 1 layout)", "", _md(_pivot(rows, others, shown)), ""]
+    every = [md_cols + ([f"Δ vs {reference}"] if ref_axis is not None else [])]
+    every += [[_fmt(r.get(c)) for c in md_cols] + ([_interval(r)] if ref_axis is not None else []) for r in rows]
+    parts += ["## Every cell", "", _md(every), ""]
+    if ref_axis is not None:
+        parts += _delta_notes(rows, axes, reference, ref_axis)
     for png in _plots(out, rows, axes):
         parts += [f"![{png.stem}]({png.name})", ""]
     path = out / "table.md"

@@ -212,6 +212,7 @@ def _check_methods(cfg: RunConfig) -> list[str]:
     """Registry names, and merges only where the scoring method provides what the merge rule needs."""
     from gradpruner.errors import lookup
     from gradpruner.pruning.merging import MERGE_RULES, needs_igia
+    from gradpruner.scoring.greedy import POOLS
     from gradpruner.scoring.methods import METHODS
     from gradpruner.scoring.variants import needs_target
 
@@ -232,7 +233,9 @@ def _check_methods(cfg: RunConfig) -> list[str]:
     if cfg.score.method == "laco" and cfg.plan.prune is None:
         out.append("score.method laco needs plan.prune (the number of layers to collapse), not plan.target_params.")
     if needs_target(cfg.score.method) and cfg.plan.prune is None:
-        out.append(f"score.method {cfg.score.method} needs plan.prune (its guard's pool is sized from it), not plan.target_params.")
+        out.append(f"score.method {cfg.score.method} needs plan.prune (its pool or its stop is sized from it), not plan.target_params.")
+    if cfg.score.greedy_pool not in POOLS:
+        out.append(f"score.greedy_pool is {cfg.score.greedy_pool!r}; use {' or '.join(POOLS)} (IGIA's pool: score.method igia_greedy).")
     if cfg.plan.granularity not in ("layer", "hidden"):
         out.append(f"plan.granularity is {cfg.plan.granularity!r}; use layer or hidden.")
     elif cfg.plan.granularity == "hidden" and not method.factors:

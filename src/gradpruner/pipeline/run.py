@@ -32,7 +32,8 @@ def _key(*parts) -> str:
 # Config keys added after stage keys were first published: keyed only when set away from their
 # default, so finished stages of earlier run folders (and of earlier versions) stay valid.
 LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "laco_group": 4, "laco_threshold": 0.65,
-                   "steps_fraction": None, "planned_steps": None, "lora_dropout": 0.0, "max_grad_norm": 0.0},
+                   "steps_fraction": None, "planned_steps": None, "lora_dropout": 0.0, "max_grad_norm": 0.0,
+                   "greedy_pool": "all", "greedy_pool_factor": 2.0},
          "plan": {"granularity": "layer", "protect_last": 0, "max_block": None},
          "prune": {"out_of_core": None, "max_shard_size": "2GB"},
          "finetune": {"distill": None, "distill_alpha": 0.5, "distill_temperature": 1.0, "lora_dropout": 0.05,
@@ -261,7 +262,7 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     m, tok = load_model(source), load_tokenizer(source)
     res = evaluate(m, tok, task=cfg.task, data=cfg.eval_data, train_data=cfg.data, data_dir=cfg.data_dir,
                    seed=SPLIT_SEED, config=EvalConfig(**{f.name: getattr(cfg.eval, f.name) for f in fields(EvalConfig)}),
-                   progress=True)
+                   item_scores=True, progress=True)  # one score per item, for paired intervals in compare
     res.update({"model": str(model), "params": param_counts(m), "flops_per_token": flops_per_token(m),
                 "latency": latency(m)})
     write_json(out, res)

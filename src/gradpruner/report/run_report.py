@@ -103,7 +103,11 @@ def build_blocks(run_dir: Path) -> list[tuple]:
         else:
             how = f"Method {method}" + (f", {scores['steps']} training steps." if scores.get("steps") else ", no training steps.")
         stats = scores.get("variant_statistics") or {}
-        if "target" in stats:  # a guarded variant: say which layers were never candidates
+        if "greedy_order" in stats:  # igia_greedy: IGIA's pool, the measured loss chose
+            how += (f" Greedy removal by measured calibration loss among the {len(stats['greedy_candidates'])} layers "
+                    f"IGIA ranks lowest (order {stats['greedy_order']}, {stats['forward_passes']} calibration passes); "
+                    "the others (scored above every candidate) were never candidates.")
+        elif "target" in stats:  # a guarded variant: say which layers were never candidates
             guard = "block influence" if "block_influence" in stats else "removal loss"
             how += (f" IGIA chose among the {guard_pool(stats['target'], len(scores['layer_scores']))} layers that "
                     f"{guard} ranks lowest; the others (scored above every candidate) were never candidates.")
