@@ -24,12 +24,14 @@ def test_kd_loss_is_kl_on_completion_positions_only():
     assert float(kd_loss(s, t, torch.full((2, 5), -100))) == 0.0
 
 
-def test_finetune_with_a_teacher(tiny_llama, qa_file, tmp_path):
+@pytest.mark.parametrize("teacher", [{"distill_cache": False}, {"distill_top_k": 300}], ids=["online", "cached"])
+def test_finetune_with_a_teacher(tiny_llama, qa_file, tmp_path, teacher):
     torch.set_num_threads(1)
     cfg = FinetuneConfig(max_steps=2, batch_size=4, limit=8, max_length=64, distill_from=str(tiny_llama),
-                         distill_alpha=1.0, logging_steps=1, lora_dropout=0.0)
+                         distill_alpha=1.0, logging_steps=1, lora_dropout=0.0, **teacher)
     rec = finetune(str(tiny_llama), tmp_path / "out", data=qa_file, config=cfg, progress=False)
-    # the student starts as the teacher (LoRA B = 0): with alpha 1 the first loss is the KL, 0
+    # the student starts as the teacher (LoRA B = 0): with alpha 1 the first loss is the KL, 0 (cached:
+    # with every one of the tiny vocabulary's 300 logits, the same KL)
     assert rec["loss_curve"][0]["loss"] == pytest.approx(0.0, abs=1e-4)
     assert json.loads((tmp_path / "out" / "finetune.json").read_text())["config"]["distill_from"] == str(tiny_llama)
     with pytest.raises(Exception, match="distill-alpha"):

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(h, HealConfig)
     _add_out(h, "folder for the healed checkpoint and heal.json")
 
-    f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the task: LoRA merged into the weights, or full")
+    f = sub.add_parser("finetune", help="fine-tune a (pruned) model on the task: LoRA merged into the weights, full, or the last layers")
     _add_model(f)
     _add_data(f, required=True)
     add_options(f, FinetuneConfig)

@@ -1,9 +1,12 @@
-"""Fine-tune a (pruned) model on a task: LoRA merged into the weights, or every parameter.
+"""Fine-tune a (pruned) model on a task: LoRA merged into the weights, every parameter, or only the
+last decoder layers and the final norm (``last_layers``).
 
 Training runs through ``transformers.Trainer`` (AdamW, accelerate underneath). Checkpoints go to the
 sibling folder ``<out>.checkpoints`` so an interrupted run can continue with ``resume=True`` and end
 with the same weights as an uninterrupted one; the final model is written atomically to ``out`` as a
 plain ``save_pretrained`` folder (LoRA merged, no adapter files) with ``finetune.json`` beside it.
+Distilling with ``distill_cache`` runs the teacher once before training and keeps its top-k logits in
+``<out>.checkpoints/teacher_topk.safetensors`` (``finetuning.teacher_cache``), reused on resumption.
 """
 from __future__ import annotations
 
@@ -23,7 +26,9 @@ from transformers import TrainerCallback
 from gradpruner.data.examples import PadCollator, load_examples, tokenize
 from gradpruner.data.tasks import SPLIT_SEED
 from gradpruner.errors import Collect, GradPrunerError, lookup
+from gradpruner.finetuning import teacher_cache
 from gradpruner.finetuning.config import MODES, FinetuneConfig
+from gradpruner.finetuning.last_layers import train_last_layers, trainable_parameters
 from gradpruner.models import architectures
 from gradpruner.models.loading import (
     check_model,
@@ -59,6 +64,8 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
          and cfg.batch_size % cfg.grad_accum == 0, "a whole number ≥ 1 that divides --batch-size"),
         ("--max-length", cfg.max_length, _count(cfg.max_length), "e.g. 512"),
         ("--rank", cfg.rank, _count(cfg.rank), "e.g. 8"),
+        ("--train-last", cfg.train_last, _count(cfg.train_last), "a whole number ≥ 1, e.g. 3"),
+        ("--train-head", cfg.train_head, isinstance(cfg.train_head, bool), "true or false"),
         ("--alpha", cfg.alpha, _positive(cfg.alpha), "e.g. 32"),
         ("--lora-dropout", cfg.lora_dropout, _fraction(cfg.lora_dropout), "a value in [0, 1), e.g. 0.05"),
         ("--warmup-ratio", cfg.warmup_ratio, _fraction(cfg.warmup_ratio), "a value in [0, 1), e.g. 0.03"),
@@ -71,6 +78,8 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
         ("bf16", cfg.bf16, cfg.bf16 in (None, True, False), "True, False or None (automatic)"),
         ("--distill-alpha", cfg.distill_alpha, _number(cfg.distill_alpha) and 0 <= cfg.distill_alpha <= 1, "a value in [0, 1]"),
         ("--distill-temperature", cfg.distill_temperature, _positive(cfg.distill_temperature), "a value > 0, e.g. 1 or 2"),
+        ("--distill-cache", cfg.distill_cache, isinstance(cfg.distill_cache, bool), "true or false"),
+        ("--distill-top-k", cfg.distill_top_k, _count(cfg.distill_top_k), "a whole number ≥ 1, e.g. 64"),
     ]
     problems = [f"{flag} {value!r} is invalid; use {hint}." for flag, value, ok, hint in checks if not ok]
     if problems:
@@ -145,6 +154,8 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
             check(distributed.check_batch, cfg.batch_size, cfg.grad_accum)
         source = check(resolve_model, model)
         model_config = check(check_model, source, trust_remote_code, allow_pickle) if source is not None else None
+        if cfg is not None and model_config is not None:
+            check(_check_mode, cfg, model_config)
         ckpt, replace = check(_check_locations, out, source, resume, overwrite) or (None, False)
         examples = check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
     main = distributed.is_main()  # with several processes only process 0 writes
@@ -161,14 +172,19 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
         ckpt.mkdir(parents=True, exist_ok=True)
         write_json(ckpt / RUN_FILE, run)
     try:
-        trained, trainer = _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks,
-                                  reload=lambda: load_model(source, trust_remote_code=trust_remote_code,
-                                                            allow_pickle=allow_pickle))
+        cache = _teacher_cache(cfg, ckpt, features, tok) if cfg.distill_from and cfg.distill_cache else None
+        trained, trainer, trainable = _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks,
+                                             reload=lambda: load_model(source, trust_remote_code=trust_remote_code,
+                                                                       allow_pickle=allow_pickle),
+                                             cache=cache[0] if cache else None)
     except BaseException:
         if main and last_checkpoint(ckpt) is None:  # nothing to resume from: leave nothing behind
             shutil.rmtree(ckpt, ignore_errors=True)
         raise
     record = _record(run, model, trainer, checkpoint, start)
+    record["trainable_params"] = trainable
+    if cache is not None:
+        record["teacher_cache"] = cache[1]
 
     def save() -> dict:
         model = trained
@@ -206,7 +222,7 @@ def _resume_point(ckpt: Path, run: dict) -> Path | None:
         return None
     saved = read_json(ckpt / RUN_FILE, "Checkpoint run file")
     differ = [k for k in sorted(set(run) | set(saved)) if k != "config" and run.get(k) != saved.get(k)]
-    old, new = saved.get("config", {}), run["config"]
+    old, new = _as_made(saved.get("config", {})), run["config"]
     differ += [f"--{k.replace('_', '-')}" for k in sorted(set(old) | set(new))
                if k not in _NO_EFFECT and old.get(k) != new.get(k)]
     if differ:
@@ -214,6 +230,42 @@ def _resume_point(ckpt: Path, run: dict) -> Path | None:
                               "resume with the same settings, or drop --resume and pass --overwrite to start afresh.")
     log.info("Resuming from %s.", checkpoint)
     return checkpoint
+
+
+def _as_made(old: dict) -> dict:
+    """A checkpoints folder's config with the settings added since it was written filled in as the code
+    that wrote it behaved: every layer's weights trained as its mode says, a teacher run every step."""
+    added = {"train_last": 3, "train_head": False, "distill_top_k": 64, "distill_cache": not old.get("distill_from")}
+    return {**added, **old} if old else old
+
+
+def _check_mode(cfg: FinetuneConfig, model_config) -> None:
+    """``--train-last`` fits the model's decoder layers (when its config says how many)."""
+    n = getattr(model_config, "num_hidden_layers", None)
+    if cfg.mode == "last_layers" and isinstance(n, int) and cfg.train_last > n:
+        raise GradPrunerError(f"--train-last {cfg.train_last} is more than the model's {n} decoder layers; "
+                              f"use at most {n} (all of them trains every decoder layer and the final norm).")
+
+
+def _bf16(cfg: FinetuneConfig) -> bool:
+    cuda = torch.cuda.is_available()
+    return cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+
+
+def _teacher_cache(cfg: FinetuneConfig, ckpt: Path, features: list[dict], tok) -> tuple[dict, dict]:
+    """(cached top-k teacher logits, their record): process 0 reads the checkpoints folder's cache or
+    builds it; the other processes then read the file it wrote."""
+    teacher = resolve_model(cfg.distill_from)
+    args = (teacher_cache.cache_path(ckpt), teacher, lambda: load_model(teacher), features, cfg.distill_top_k,
+            distributed.per_device_batch(cfg.batch_size, cfg.grad_accum), tok.pad_token_id, _bf16(cfg))
+    got = {}
+
+    def main() -> dict:
+        got["cache"], record = teacher_cache.load_or_build(*args)
+        return record
+
+    record = distributed.on_main(main)
+    return (got["cache"] if "cache" in got else teacher_cache.load_or_build(*args)[0]), record
 
 
 def _peft_model(base, cfg: FinetuneConfig):
@@ -226,7 +278,7 @@ def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
-    bf16 = cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    bf16 = _bf16(cfg)
     return TrainingArguments(
         output_dir=str(ckpt), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         per_device_train_batch_size=distributed.per_device_batch(cfg.batch_size, cfg.grad_accum),
@@ -240,31 +292,37 @@ def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
     )
 
 
-def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks, reload=None):
-    """(trained plain model, trainer) after training from scratch or from ``checkpoint``; under FSDP
-    or DeepSpeed the model is whole on process 0 only (None elsewhere), rebuilt from ``reload()``."""
+def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks, reload=None, cache=None):
+    """(trained plain model, trainer, trainable parameters) after training from scratch or from
+    ``checkpoint``; under FSDP or DeepSpeed the model is whole on process 0 only (None elsewhere),
+    rebuilt from ``reload()``. ``cache``: the teacher's cached top-k logits (then no teacher is loaded)."""
     from transformers import PrinterCallback, Trainer, set_seed
 
     set_seed(cfg.seed)
     model = _peft_model(base, cfg) if cfg.mode == "lora" else base
+    if cfg.mode == "last_layers":
+        train_last_layers(model, cfg.train_last, cfg.train_head)
+    trainable = trainable_parameters(model)
     guard = StopOnNonFinite(cfg.lr, out, ckpt)
-    extra, cls = {}, Trainer
+    extra, cls, collate = {}, Trainer, PadCollator(tok.pad_token_id)
     if cfg.distill_from:
         from gradpruner.finetuning.distill import DistillTrainer
 
         cls = DistillTrainer
-        extra = {"teacher": load_model(resolve_model(cfg.distill_from)), "alpha": cfg.distill_alpha,
-                 "temperature": cfg.distill_temperature}
+        teacher = None if cache is not None else load_model(resolve_model(cfg.distill_from))
+        extra = {"teacher": teacher, "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature}
+        if cache is not None:
+            features, collate = teacher_cache.with_rows(features), teacher_cache.CachedTeacherCollator(collate, cache)
     trainer = cls(model=model, args=_training_args(cfg, ckpt, progress), train_dataset=features,
-                  data_collator=PadCollator(tok.pad_token_id), callbacks=[guard, *callbacks], **extra)
+                  data_collator=collate, callbacks=[guard, *callbacks], **extra)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when the bars are off
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     model = _whole(trainer, model, cfg, reload)
     if model is None:
-        return None, trainer
+        return None, trainer, trainable
     trained = model.merge_and_unload() if cfg.mode == "lora" else model
-    return trained.eval(), trainer
+    return trained.eval(), trainer, trainable
 
 
 def _whole(trainer, model, cfg, reload):

@@ -86,6 +86,21 @@ def find_decoder_layers(model) -> tuple[torch.nn.Module, str, torch.nn.ModuleLis
     return parent, attr, layers
 
 
+def final_norm(model) -> tuple[str, torch.nn.Module]:
+    """(full name, module) of the norm applied after the last decoder layer: the one norm beside the
+    decoder layers (``model.norm`` in Llama, Mistral, Qwen, Gemma, Phi-3; ``final_layernorm`` elsewhere)."""
+    path, parent, attr, _ = _locate(model)
+    parent_path = path.rpartition(".")[0]
+    norms = [(name, m) for name, m in parent.named_children() if name != attr and "norm" in type(m).__name__.lower()]
+    if len(norms) > 1:
+        norms = [(name, m) for name, m in norms if name == "norm"] or norms
+    if len(norms) != 1:
+        found = ", ".join(name for name, _ in norms) or "none"
+        raise _unsupported(model, f"no single final norm beside its decoder layers ({found})")
+    name, module = norms[0]
+    return (f"{parent_path}.{name}" if parent_path else name), module
+
+
 @contextlib.contextmanager
 def only_layers(model, keep):
     """The model with only the decoder layers ``keep`` (indices, in order) in its forward pass, the

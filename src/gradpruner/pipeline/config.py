@@ -16,7 +16,7 @@ import yaml
 
 from gradpruner.errors import GradPrunerError
 from gradpruner.evaluation.config import EvalConfig
-from gradpruner.finetuning.config import FinetuneConfig
+from gradpruner.finetuning.config import MODES, FinetuneConfig
 from gradpruner.healing.config import HealConfig, config_problems
 from gradpruner.planning.config import PlanConfig
 from gradpruner.pruning.config import PruneConfig
@@ -192,8 +192,8 @@ def _check(cfg: RunConfig) -> list[str]:
         out.append(f"finetune.distill is {cfg.finetune.distill!r}; use null, dense_ft (the dense fine-tuned model) or dense.")
     elif cfg.finetune.distill == "dense_ft" and not cfg.finetune.dense_baseline:
         out.append("finetune.distill dense_ft needs finetune.dense_baseline: true (the teacher is that model).")
-    if cfg.finetune.mode not in ("lora", "full"):
-        out.append(f"finetune.mode is {cfg.finetune.mode!r}; use lora or full.")
+    if cfg.finetune.mode not in MODES:
+        out.append(f"finetune.mode is {cfg.finetune.mode!r}; use {', '.join(MODES)}.")
     out += _check_methods(cfg)
     for key in ("model", "data", "eval_data", "data_dir", "out", "eval.encoder"):
         value = cfg

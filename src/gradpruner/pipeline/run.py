@@ -38,9 +38,23 @@ LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "l
          "prune": {"out_of_core": None, "max_shard_size": "2GB"},
          "finetune": {"distill": None, "distill_alpha": 0.5, "distill_temperature": 1.0, "lora_dropout": 0.05,
                       "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
-                      "save_steps": 50, "logging_steps": 10, "bf16": None},
+                      "save_steps": 50, "logging_steps": 10, "bf16": None, "train_last": 3, "train_head": False,
+                      "distill_cache": True, "distill_top_k": 64},
          "eval": {"metric": None, "max_new_tokens": None, "max_length": 2048}}
-DISTILL_KEYS = ("distill", "distill_alpha", "distill_temperature")  # pruned fine-tune only
+DISTILL_KEYS = ("distill", "distill_alpha", "distill_temperature", "distill_cache", "distill_top_k")  # pruned fine-tune only
+LAST_LAYERS_KEYS = ("train_last", "train_head")  # mode last_layers only
+
+
+def _finetune_keyed(ft: dict, f) -> dict:
+    """The fine-tune section's keyed settings: ``train_last``/``train_head`` only in mode last_layers;
+    the teacher cache only when distilling, and then as it computes. A cached run is keyed
+    ``distill_cache: true`` with its ``distill_top_k``; the online teacher (``distill_cache: false``)
+    keeps the key that distilled runs had before the cache existed."""
+    ft = {k: v for k, v in ft.items() if k not in ("distill_cache", "distill_top_k")
+          and (f.mode == "last_layers" or k not in LAST_LAYERS_KEYS)}
+    if f.distill is not None and f.distill_cache:
+        ft.update(distill_cache=True, distill_top_k=f.distill_top_k)
+    return ft
 
 
 def _section(name: str, obj) -> dict:
@@ -75,7 +89,8 @@ class Run:
         if cfg.heal.rule != "none":  # no heal stage, and every key as before, while heal.rule is none
             self.keys["heal"] = _key(self.keys["prune"], _section("heal", cfg.heal))
             pruned = "heal"
-        ft = {k: v for k, v in _section("finetune", cfg.finetune).items() if k != "dense_baseline"}
+        ft = _finetune_keyed({k: v for k, v in _section("finetune", cfg.finetune).items() if k != "dense_baseline"},
+                             cfg.finetune)
         self.keys["dense_ft"] = _key(self.keys["data"], {k: v for k, v in ft.items() if k not in DISTILL_KEYS})
         teacher = [self.keys["dense_ft"]] if cfg.finetune.distill == "dense_ft" else []
         self.keys["pruned_ft"] = _key(self.keys[pruned], ft, *teacher)
@@ -228,7 +243,8 @@ def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool, teacher: str |
         shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
     rec = finetune(model, out, **_data_args(cfg), config=ft, resume=not fresh, overwrite=True)
     write_json(out.with_name(f"{out.name}_finetune.json"), rec)  # the loss curve, kept beside the checkpoint
-    return {k: rec.get(k) for k in ("optimizer_steps", "train_examples", "wall_seconds", "peak_rss_mib", "final_loss")}
+    return {k: rec.get(k) for k in ("optimizer_steps", "train_examples", "wall_seconds", "peak_rss_mib", "final_loss",
+                                    "trainable_params")}
 
 
 def _score(cfg: RunConfig, out: Path, fresh: bool) -> dict:
