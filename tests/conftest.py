@@ -53,3 +53,19 @@ def tiny_scores(tiny_llama, qa_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "scores"
     api.score(str(tiny_llama), out, data=qa_file, method="igia", steps=4, batch_size=4, lr=1e-3)
     return out
+
+
+@pytest.fixture
+def one_thread(request):
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's spin-waiting
+    threads made a 1 s run take over a minute; test files of tiny models use one thread (``pytestmark``).
+    Tests marked slow (the real models) keep torch's default."""
+    import torch
+
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

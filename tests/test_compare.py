@@ -3,7 +3,6 @@ import csv
 import json
 
 import pytest
-import torch
 import yaml
 
 from gradpruner.cli import main
@@ -12,13 +11,7 @@ from gradpruner.pipeline.compare import load_grid, run_grid
 from gradpruner.pipeline.config import config_from_dict
 from gradpruner.pipeline.run import run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _base(model) -> dict:

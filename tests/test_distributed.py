@@ -21,17 +21,11 @@ from gradpruner.cli import main
 from gradpruner.errors import GradPrunerError
 from gradpruner.util import distributed
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _free_port() -> int:

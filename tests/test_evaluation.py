@@ -30,6 +30,8 @@ from gradpruner.evaluation.evaluate import (
 )
 from gradpruner.evaluation.loglik import encode_pair, score_choices
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 DATA_DIR = offline_data_dir()
 needs_data = pytest.mark.needs_data  # skips without the offline datasets, fails under CI (conftest.py)
 MC_TASKS = [n for n, s in TASKS.items() if s.to_choices]
@@ -37,19 +39,6 @@ GEN_TASKS = [n for n, s in TASKS.items() if s.to_generation]
 FILES = {"arc_easy": "arc_easy/validation.jsonl", "piqa": "piqa/validation_part.jsonl",
          "hellaswag": "hellaswag/validation_part.jsonl", "winogrande": "winogrande/winogrande_xl_validation.jsonl",
          "medmcqa": "medmcqa/validation.jsonl", "pubmedqa": "pubmedqa/pqa_labeled_test.jsonl"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Tiny models run far faster on one thread (on a busy 2-core machine OpenMP threads mostly wait);
-    the slow SmolLM2 test keeps torch's default."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,10 @@ from gradpruner.errors import GradPrunerError
 from gradpruner.finetuning import finetune as ft
 from gradpruner.util import atomic
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 KEEP6 = {"num_layers": 8, "keep": [0, 1, 2, 3, 4, 5], "drop": [6, 7], "merge": {}}
 KEEP5 = {"num_layers": 8, "keep": [0, 1, 2, 3, 4], "drop": [5, 6, 7], "merge": {}}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP spinning on a loaded machine
-    yield
-    torch.set_num_threads(n)
 
 
 def fails(capsys, *argv) -> list[str]:

@@ -8,31 +8,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import folder_tensors
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from gradpruner.errors import GradPrunerError
 from gradpruner.finetuning import finetune as ft
 from gradpruner.finetuning.finetune import FinetuneConfig, checkpoint_dir, finetune
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 # A high lr and a constant schedule so a few dozen steps on the tiny model reliably lower the loss.
 FAST = dict(lr=1e-2, lr_scheduler="constant", warmup_ratio=0.0, logging_steps=1, batch_size=8)
 RECORD_FIELDS = {"config", "model", "task", "data", "train_examples", "optimizer_steps", "loss_curve",
                  "train_loss", "final_loss", "wall_seconds", "peak_rss_mib", "versions", "resumed_from"}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's
-    spin-waiting threads made a 1 s run take over a minute; one thread keeps the file fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -54,7 +43,7 @@ def captured(monkeypatch):
 
 
 def _check_trained(tiny_llama, out, record, in_memory, mode):
-    before, after = weights(tiny_llama), weights(out)
+    before, after = folder_tensors(tiny_llama), folder_tensors(out)
     assert after.keys() == before.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     if mode == "lora":  # only decoder-layer linears carry LoRA
@@ -129,7 +118,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_llama, qa_f
     assert record["resumed_from"].endswith("checkpoint-8") and record["optimizer_steps"] == 12
     assert [p["step"] for p in record["loss_curve"]] == [1, 4, 8, 12]  # the curve spans the whole run
     assert record["train_loss"] == pytest.approx(record_a["train_loss"], abs=1e-5)
-    a, b = weights(tmp_path / "a"), weights(out)
+    a, b = folder_tensors(tmp_path / "a"), folder_tensors(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
     assert not checkpoint_dir(out).exists()

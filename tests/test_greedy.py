@@ -14,15 +14,9 @@ from gradpruner.models.loading import load_model, load_tokenizer
 from gradpruner.scoring.greedy import greedy_removal, greedy_scores, pool_size
 from gradpruner.scoring.methods import METHODS, Context, block_influence, greedy_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 N = 8  # layers of the tiny Llama
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

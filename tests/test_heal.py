@@ -28,15 +28,9 @@ from gradpruner.pipeline.config import load_config
 from gradpruner.pipeline.run import Run, run
 from gradpruner.pruning.surgery import remove_layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 PLAN = {"num_layers": 8, "keep": [0, 1, 2, 4, 7], "drop": [3, 5, 6]}  # cuts [3] after 2 and [5, 6] after 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP spinning on a loaded machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

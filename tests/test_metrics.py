@@ -4,11 +4,12 @@ from __future__ import annotations
 import importlib.metadata
 
 import pytest
-import torch
 
 from gradpruner.data.tasks import TASKS, MCItem
 from gradpruner.errors import GradPrunerError
 from gradpruner.evaluation import metrics as M
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _encoder_installed() -> bool:
@@ -17,15 +18,6 @@ def _encoder_installed() -> bool:
         return True
     except GradPrunerError:
         return False
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The MiniLM encoder is small: one thread is far faster on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 needs_encoder = pytest.mark.skipif(not _encoder_installed(),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import folder_tensors
 from transformers import AutoConfig, TrainerCallback
 
 from gradpruner.errors import GradPrunerError
@@ -20,20 +20,11 @@ from gradpruner.finetuning.finetune import FinetuneConfig, checkpoint_dir, finet
 from gradpruner.pipeline.config import RunConfig
 from gradpruner.pipeline.run import Run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 FAST = {"lr": 1e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0, "logging_steps": 1, "batch_size": 8,
         "max_length": 64}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "model.safetensors"))
 
 
 def layer_params(c) -> int:
@@ -55,7 +46,7 @@ def test_last_layers_trains_only_the_last_layers_and_the_final_norm(tiny_llama, 
     assert c.tie_word_embeddings and c.num_hidden_layers == 8
     cfg = FinetuneConfig(mode="last_layers", train_last=3, max_steps=4, **FAST)
     rec = finetune(tiny_llama, tmp_path / "o", data=qa_file, config=cfg, progress=False)
-    before, after = weights(tiny_llama), weights(tmp_path / "o")
+    before, after = folder_tensors(tiny_llama), folder_tensors(tmp_path / "o")
     expected = {k for k in before if k == "model.norm.weight" or any(k.startswith(f"model.layers.{i}.") for i in (5, 6, 7))}
     assert len(expected) == 3 * 9 + 1  # 7 linears and 2 norms a layer, and the final norm
     assert changed(before, after) == expected
@@ -68,7 +59,7 @@ def test_train_head_on_a_tied_model_moves_the_embeddings(tiny_llama, qa_file, tm
     c = AutoConfig.from_pretrained(tiny_llama)
     cfg = FinetuneConfig(mode="last_layers", train_last=1, train_head=True, max_steps=3, **FAST)
     rec = finetune(tiny_llama, tmp_path / "o", data=qa_file, config=cfg, progress=False)
-    before, after = weights(tiny_llama), weights(tmp_path / "o")
+    before, after = folder_tensors(tiny_llama), folder_tensors(tmp_path / "o")
     moved = changed(before, after)
     assert "model.embed_tokens.weight" in moved  # the tied head is the embedding matrix
     assert moved == {"model.embed_tokens.weight", "model.norm.weight"} | {k for k in before if k.startswith("model.layers.7.")}
@@ -151,7 +142,7 @@ def test_cached_whole_vocabulary_run_matches_the_online_run(tiny_llama, qa_file,
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
     # the teacher saw other batches (other padding) before training: float noise, which AdamW's
     # normalised steps lift from ~1e-7 to ~1e-5 in weights whose gradient is near zero
-    a, b = weights(tmp_path / "online"), weights(tmp_path / "cached")
+    a, b = folder_tensors(tmp_path / "online"), folder_tensors(tmp_path / "cached")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
 
@@ -200,7 +191,7 @@ def test_resume_reuses_the_cache(tiny_llama, qa_file, tmp_path, monkeypatch):
     assert see.seen == (st.st_ino, st.st_mtime_ns)  # the same file, not rewritten
     assert rec["teacher_cache"]["reused"] and rec["resumed_from"].endswith("checkpoint-2")
     assert not checkpoint_dir(out).exists()
-    a, b = weights(tmp_path / "a"), weights(out)
+    a, b = folder_tensors(tmp_path / "a"), folder_tensors(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
     assert rec["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-5)

@@ -27,16 +27,6 @@ def _stages_run(log):
     return [line.split("→ ")[1] for line in log if "→ " in line]
 
 
-@pytest.fixture()
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP spinning on a loaded machine
-    yield
-    torch.set_num_threads(n)
-
-
 def test_run_end_to_end_then_cached_then_partial_rerun(tiny_llama, tmp_path, one_thread):
     path = _config(tmp_path, tiny_llama)
     log: list[str] = []

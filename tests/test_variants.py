@@ -18,13 +18,7 @@ from gradpruner.scoring.variants import (
     type_rank,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 LAYER = {"l0.q": 0, "l0.down": 0, "l1.q": 1, "l1.down": 1, "l2.q": 2, "l2.down": 2}
