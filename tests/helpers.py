@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2
 
@@ -158,3 +158,15 @@ def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+
+class Interrupt(TrainerCallback):
+    """Simulates Ctrl-C right after the checkpoint of step ``at`` was written."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import folder_tensors
-from transformers import AutoModelForCausalLM, TrainerCallback
+from helpers import Interrupt, folder_tensors
+from transformers import AutoModelForCausalLM
 
 from gradpruner.errors import GradPrunerError
 from gradpruner.finetuning import finetune as ft
@@ -84,17 +84,6 @@ def test_full_mode_trains_every_parameter(tiny_llama, qa_file, tmp_path, capture
 def test_default_lr_depends_on_the_mode():
     assert ft.validate_config(FinetuneConfig()).lr == 2e-4
     assert ft.validate_config(FinetuneConfig(mode="full")).lr == 1e-5
-
-
-class Interrupt(TrainerCallback):
-    """Simulates Ctrl-C right after the checkpoint of step ``at`` was written."""
-
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import folder_tensors
+from helpers import Interrupt, folder_tensors
 from transformers import AutoConfig, TrainerCallback
 
 from gradpruner.errors import GradPrunerError
@@ -153,15 +153,6 @@ def test_top_k_starts_above_zero_for_the_student_equal_to_its_teacher(tiny_llama
                                                                              "max_steps": 1})
     rec = finetune(tiny_llama, tmp_path / "o", data=qa_file, config=cfg, progress=False)
     assert rec["teacher_cache"]["top_k"] == 16 and 0 < rec["loss_curve"][0]["loss"] < 10
-
-
-class Interrupt(TrainerCallback):
-    def __init__(self, at: int):
-        self.at = at
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.at:
-            raise KeyboardInterrupt
 
 
 class SeeCache(TrainerCallback):
