@@ -13,6 +13,7 @@ from gradpruner.errors import GradPrunerError
 from gradpruner.evaluation.config import EvalConfig
 from gradpruner.finetuning.config import FinetuneConfig
 from gradpruner.healing.config import HealConfig
+from gradpruner.pipeline.config import SearchConfig
 from gradpruner.planning.config import DEFAULT_PRUNE, PlanConfig
 from gradpruner.pruning.config import PruneConfig
 from gradpruner.scoring.config import ScoreConfig
@@ -120,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
     c.add_argument("--dry-run", action="store_true", help="validate the grid and list its cells, run nothing")
     c.add_argument("--table-only", action="store_true", help="rewrite the table from the cells finished so far, run nothing")
+
+    sr = sub.add_parser("search", help="how many layers can go: the largest removal whose metric (or loss) stays within a "
+                        "tolerance of the dense model's, both fine-tuned alike; writes the curve and plan.json")
+    sr.add_argument("overrides", nargs="*", help="key=value run-config overrides, e.g. score.method=block_influence")
+    sr.add_argument("--config", help="run config YAML whose settings (and search: section) the search starts from")
+    sr.add_argument("--model", help="local HF folder, .gguf file, alias or Hub id (default: the config's)")
+    sr.add_argument("--task", help="built-in task (default: the config's)")
+    sr.add_argument("--data", help='JSONL of {"prompt","completion"} lines (instead of --task; needs --eval-data)')
+    sr.add_argument("--eval-data", help="held-out JSONL with --data; the validation slice is its last lines")
+    sr.add_argument("--data-dir", help=DATA_DIR_HELP)
+    sr.add_argument("--out", help="search folder: search.md, search.png, curve.csv, search.json, plan.json")
+    add_options(sr.add_argument_group("search"), SearchConfig)
 
     se = sub.add_parser("sensitivity", help="how soon a layer ranking settles (paper Fig. 2): igia or full_grad scores.json")
     se.add_argument("scores", help="scores.json of an igia, igia_norm or full_grad run (uses the igia rule: mean of squared norms)")
@@ -231,6 +244,11 @@ def _run(args) -> int:
             print("\n".join(f"  {Path(cfg.out).name}" for _, cfg in cells) + f"\n{len(cells)} cells -> {out}")
         else:
             print(f"wrote {run_grid(args.config, args.overrides)}")
+    elif args.command == "search":
+        from gradpruner.pipeline.config import load_config
+        from gradpruner.pipeline.search import search
+
+        search(load_config(args.config, _search_overrides(args)))
     elif args.command == "sensitivity":
         from gradpruner.scoring.sensitivity import format_curve, sensitivity
 
@@ -256,6 +274,22 @@ def _run(args) -> int:
 
         run_demo(args)
     return 0
+
+
+def _search_overrides(args) -> list[str]:
+    """The flags given to ``search`` as run-config overrides (a search flag only when it differs from its
+    default, so a config's search: section stays in force), then the key=value overrides."""
+    import json
+
+    out = [f"{key}={json.dumps(getattr(args, key))}" for key in ("model", "task", "data", "eval_data", "data_dir", "out")
+           if getattr(args, key) is not None]
+    if args.data is not None and args.task is None:
+        out.append("task=null")
+    if args.out is None and args.config is None:
+        out.append("out=runs/search")
+    given = vars(from_args(SearchConfig, args))
+    out += [f"search.{k}={json.dumps(v)}" for k, v in given.items() if v != defaults(SearchConfig)[k]]
+    return out + list(args.overrides)
 
 
 def _heal_summary(res: dict) -> str:

@@ -202,6 +202,15 @@ def _load(task, data, split, data_dir, seed, guard) -> tuple[list, int, str]:
     return [r for i, r in enumerate(rows) if i not in seen], len(seen), source
 
 
+def heldout_examples(task: str | None = None, data: str | os.PathLike | None = None,
+                     data_dir: str | os.PathLike | None = None, seed: int = 0) -> list[Example]:
+    """The held-out items ``evaluate`` scores (a task's eval split without the items also in its training
+    split, or every line of a prompt/completion file), as training examples in the same order: their
+    completion loss measures the same items as the metric, and their count sizes a validation slice."""
+    rows = _load(task, data if task is None else None, "eval", data_dir, seed, True)[0]
+    return [r.example if isinstance(r, EvalRow) else r for r in rows]
+
+
 def _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, spec, offset=0) -> str:
     """The primary metric's name, after checking every argument a user can get wrong."""
     if task is None and data is None:

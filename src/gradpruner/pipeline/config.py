@@ -40,6 +40,31 @@ class EvalStageConfig(EvalConfig):
     pruned_no_finetune: bool = opt(True, "also evaluate the pruned model before fine-tuning")
 
 
+BUDGETS = ("layers", "params", "latency")
+
+
+@dataclass
+class SearchConfig:
+    """``gradpruner search``: the largest removal whose validation metric (or held-out loss) stays within a
+    tolerance of the dense model's, both fine-tuned alike."""
+
+    max_drop: float | None = opt(None, "largest accepted drop of the task metric on the validation slice, absolute "
+                                 "(e.g. 0.02); or give max_loss")
+    max_loss: float | None = opt(None, "largest accepted ratio of held-out loss to the dense model's (e.g. 1.05); "
+                                 "or give max_drop")
+    budget: str = opt("layers", "what the curve and the answer count: layers, params (fraction of parameters removed) "
+                      "or latency (measured ratio to the dense model)")
+    latency: str = opt("prefill", "with budget latency: prefill or decode, measured as gradpruner bench does")
+    val_items: int = opt(320, "validation slice: the last N held-out items (the items before them stay for testing)")
+    min_prune: int = opt(1, "fewest layers to consider removing")
+    max_prune: int | None = opt(None, "most layers to consider removing (empty: half of them)")
+    step: int = opt(2, "layers between two points of the curve before fine-tuning")
+    finetune_points: int = opt(3, "most removals fine-tuned (each costs one fine-tune of a pruned model)")
+    finetune_steps: int | None = opt(150, "optimizer steps of each fine-tune, the dense reference's included "
+                                     "(empty: the run's finetune section)")
+    store: str | None = opt(None, "folder of finished points, shared by searches (empty: OUT/store)")
+
+
 @dataclass
 class RunConfig:
     model: str = "smollm2-135m"  # local folder, .gguf, alias or Hub id
@@ -55,6 +80,7 @@ class RunConfig:
     heal: HealConfig = field(default_factory=HealConfig)  # rule none: no heal stage
     finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
     eval: EvalStageConfig = field(default_factory=EvalStageConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)  # read by gradpruner search only
 
     def to_dict(self) -> dict:
         return {f.name: section_dict(v) if dataclasses.is_dataclass(v := getattr(self, f.name)) else v

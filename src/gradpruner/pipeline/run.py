@@ -285,6 +285,18 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     return {"metric": res["metric"], "value": res["value"], "n": res["n"]}
 
 
+def score_stage(r: Run) -> Path:
+    """Run (or reuse) the score stage of ``r``; the path of its scores.json."""
+    r.stage("score", ["scores"], _score, r.cfg, r.place("score", "scores"))
+    return r.place("score", "scores/scores.json")
+
+
+def dense_stage(r: Run) -> Path:
+    """Run (or reuse) the dense fine-tune of ``r``; the path of the fine-tuned model."""
+    r.stage("dense_ft", ["dense_ft", "dense_ft_finetune.json"], _finetune, r.cfg, r.cfg.model, r.place("dense_ft", "dense_ft"))
+    return r.place("dense_ft", "dense_ft")
+
+
 def preflight(cfg: RunConfig) -> None:
     """Check the model, the data files and the run folder before any stage starts, reporting every
     problem at once (the config's own keys were checked when it was read)."""
@@ -329,8 +341,8 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
         fh.write(dump_config(cfg))
     echo(f"run folder {d}")
     if cfg.finetune.dense_baseline:
-        r.stage("dense_ft", ["dense_ft", "dense_ft_finetune.json"], _finetune, cfg, cfg.model, at("dense_ft", "dense_ft"))
-    r.stage("score", ["scores"], _score, cfg, at("score", "scores"))
+        dense_stage(r)
+    score_stage(r)
     r.stage("plan", ["plan.json"], _plan, cfg, at("score", "scores/scores.json"), at("plan", "plan.json"))
     r.stage("prune", ["pruned"], _prune, cfg, at("plan", "plan.json"), at("prune", "pruned"))
     pruned = at("prune", "pruned")

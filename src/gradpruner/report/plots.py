@@ -122,3 +122,38 @@ def plot_accuracy_lines(rows: list[dict], series_axis: str, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_search_curve(rows: list[dict], path: Path, xlabel: str, max_drop: float | None, max_loss: float | None,
+                      recommended: int | None) -> Path:
+    """The search's curve: drop of the metric (with its interval) and loss ratio against the removal, before
+    and after fine-tuning, the tolerance as a line and the recommended point circled."""
+    plt = _plt()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 5.6), sharex=True)
+    for phase, style in (("before_finetune", dict(color="0.6", marker="o", mfc="none")),
+                         ("finetuned", dict(color="C0", marker="o"))):
+        pts = sorted((r for r in rows if r["phase"] == phase), key=lambda r: r["budget"])
+        xs = [r["budget"] for r in pts]
+        err = [[r["drop"] - (r["drop_low"] if r["drop_low"] is not None else r["drop"]) for r in pts],
+               [(r["drop_high"] if r["drop_high"] is not None else r["drop"]) - r["drop"] for r in pts]]
+        label = phase.replace("_", " ")
+        top.errorbar(xs, [r["drop"] for r in pts], yerr=err, capsize=3, linestyle="-", label=label, **style)
+        bottom.plot(xs, [r["loss_ratio"] for r in pts], linestyle="-", label=label, **style)
+        for r in pts:
+            if phase == "finetuned" and recommended is not None and r["k"] == recommended:
+                top.plot([r["budget"]], [r["drop"]], marker="o", ms=14, mfc="none", mec="C3", mew=2,
+                         label="recommended")
+    if max_drop is not None:
+        top.axhline(max_drop, color="C3", linestyle="--", label=f"tolerance {max_drop}")
+    if max_loss is not None:
+        bottom.axhline(max_loss, color="C3", linestyle="--", label=f"tolerance {max_loss}")
+    top.axhline(0, color="0.8", linewidth=0.8)
+    top.set_ylabel("drop vs dense (95% interval)")
+    bottom.set_ylabel("held-out loss ratio")
+    bottom.set_xlabel(xlabel)
+    top.legend(fontsize=7)
+    bottom.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -199,6 +199,22 @@ def needs_target(name: str) -> bool:
     return name in TARGETED_METHODS or VARIANTS.get(name, (None, None))[1] in ("block_influence", "removal_loss", "greedy")
 
 
+def retarget(sc: dict, target: int) -> list[float] | None:
+    """A scores.json's layer scores for removing ``target`` layers, without scoring again: the scores
+    themselves when they do not depend on the count, the guard recomputed from what the file recorded for
+    a guarded variant, None when only a new scoring run can tell (greedy searches, LaCo)."""
+    name = sc.get("method", "igia")
+    if name == "laco":
+        return None
+    if not needs_target(name):
+        return list(sc["layer_scores"])
+    key = VARIANTS.get(name, (None, None))[1]
+    stats = sc.get("variant_statistics") or {}
+    if key not in ("block_influence", "removal_loss") or key not in stats:
+        return None
+    return guarded(sc["layer_scores_by_rule"]["igia"], stats[key], guard_pool(target, sc["num_layers"]))
+
+
 def statistics(name: str, ctx) -> dict | None:
     """What a variant measures on the model as given, before any training step (``ctx``: selection.Context)."""
     need = VARIANTS[name][1]
