@@ -49,6 +49,8 @@ def test_compare_grid_shares_stages_and_writes_the_table(tiny_llama, tmp_path):
     assert plan["drop"] == [5, 6, 7]
     md = table.read_text()
     assert "| method | arc_easy | avg |" in md and "| last_n |" in md and "![accuracy](accuracy.png)" in md
+    assert "![pareto](pareto.png)" in md and (tmp_path / "cmp" / "pareto.png").stat().st_size > 1000
+    assert all(0 < r["latency_ratio"] for r in rows)  # measured prefill of the pruned vs the dense model
     assert "Δ vs" not in md and "reference" not in rows[0]  # no block_influence cell: no reference, no Δ
     assert len(list(csv.DictReader((tmp_path / "cmp" / "table.csv").open()))) == 3
     assert last_n["dense_ft"] == rows[0]["dense_ft"]
@@ -176,3 +178,19 @@ def test_stage_keys_of_published_results_stay_valid(tmp_path):
     shifted = Run(load_config(root / "configs" / "smollm2_arc_easy.yaml", [f"out={tmp_path / 'v'}", "eval.offset=250"]),
                   echo=lambda *_: None, isolate=False).keys
     assert shifted["eval_pruned_ft"] != keys["eval_pruned_ft"] and shifted["pruned_ft"] == keys["pruned_ft"]
+
+
+def test_pareto_points_average_the_tasks_per_method_and_size():
+    from gradpruner.report.plots import pareto_points
+
+    def row(method, task, removed, acc, params, lat, dense):
+        return {"method": method, "task": task, "removed": removed, "pruned_ft": acc, "params_ratio": params,
+                "latency_ratio": lat, "dense_ft": dense}
+
+    rows = [row("a", "t1", 6, 0.6, 0.8, 0.7, 0.7), row("a", "t2", 6, 0.4, 0.8, 0.9, 0.5),
+            row("a", "t1", 12, 0.5, 0.6, 0.5, 0.7), row("a", "t2", 12, 0.3, 0.6, 0.7, 0.5),
+            row("b", "t1", 6, 0.2, 0.8, 0.8, 0.7)]  # b lacks t2 at 6: left out
+    lines, dense = pareto_points(rows, ["method"])
+    assert lines == {"a": [(pytest.approx(0.6), pytest.approx(0.6), pytest.approx(0.4)),
+                           (pytest.approx(0.8), pytest.approx(0.8), pytest.approx(0.5))]}
+    assert dense == (1.0, 1.0, pytest.approx(0.6))

@@ -204,6 +204,8 @@ def _cell_row(labels: dict, cfg: RunConfig) -> dict:
     if "dense_ft" in evals and "pruned_ft" in evals:
         row["delta_vs_dense_ft"] = row["pruned_ft"] - row["dense_ft"]
         row["params_ratio"] = evals["pruned_ft"]["params"]["total"] / evals["dense_ft"]["params"]["total"]
+        lat = [evals[n].get("latency", {}).get("prefill_s") for n in ("pruned_ft", "dense_ft")]
+        row["latency_ratio"] = lat[0] / lat[1] if all(lat) else None  # one 128-token prompt, as measured
     row["n"] = evals["pruned_ft"]["n"] if "pruned_ft" in evals else None
     row["score_s"] = stages.get("score", {}).get("usage", {}).get("seconds")
     row["pruned_ft_s"] = stages.get("pruned_ft", {}).get("usage", {}).get("seconds")
@@ -335,7 +337,7 @@ def _delta_notes(rows: list[dict], axes: list[str], reference: str, axis: str) -
 
 
 LONG_COLS = ("score_method", "metric", "removed", "merged", "merge_rule", "density", "dense_zero_shot", "dense_ft", "pruned",
-             "pruned_ft", "delta_vs_dense_ft", "params_ratio", "n", "score_s", "pruned_ft_s", "dense_ft_s",
+             "pruned_ft", "delta_vs_dense_ft", "params_ratio", "latency_ratio", "n", "score_s", "pruned_ft_s", "dense_ft_s",
              "pruned_ft_loss_first", "pruned_ft_loss_last", "dense_ft_loss_first", "dense_ft_loss_last")
 
 
@@ -376,8 +378,9 @@ def write_table(out: Path, cells: list[tuple[dict, RunConfig]], reference: str |
 
 
 def _plots(out: Path, rows: list[dict], axes: list[str]) -> list[Path]:
-    """Grouped bars of pruned+FT accuracy per cell; lines of accuracy vs layers removed if that varies."""
-    from gradpruner.report.plots import plot_accuracy_lines, plot_grouped
+    """Grouped bars of pruned+FT accuracy per cell; lines of accuracy vs layers removed if that varies; the
+    Pareto picture (accuracy against parameters and latency, one line per method) when sizes vary."""
+    from gradpruner.report.plots import plot_accuracy_lines, plot_grouped, plot_pareto
 
     done = [r for r in rows if r.get("pruned_ft") is not None and r.get("removed") is not None]
     if not done:
@@ -386,4 +389,6 @@ def _plots(out: Path, rows: list[dict], axes: list[str]) -> list[Path]:
     series = [a for a in axes if a not in ("task",)]
     if len({r["removed"] for r in done}) > 1 and series:
         paths.append(plot_accuracy_lines(done, series[0], out / "accuracy_vs_removed.png"))
+    if any(r.get("params_ratio") is not None for r in done):
+        paths.append(plot_pareto(done, [a for a in axes if a not in ("task", "removed")], out / "pareto.png"))
     return paths

@@ -157,3 +157,47 @@ def plot_search_curve(rows: list[dict], path: Path, xlabel: str, max_drop: float
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def pareto_points(rows: list[dict], series: list[str]) -> tuple[dict, tuple | None]:
+    """{series label: [(params ratio, latency ratio, mean accuracy), ...] by params} and the dense point
+    (1, 1, mean accuracy). A point is a series label at one removal, its accuracy the mean over the tasks
+    of the grid; a point lacking a task is left out, so every point averages the same tasks."""
+    tasks = {r["task"] for r in rows}
+    cells: dict = {}
+    for r in rows:
+        label = ", ".join(str(r[a]) for a in series) or "pruned"
+        cells.setdefault((label, r["removed"]), []).append(r)
+    lines: dict = {}
+    for (label, _), group in cells.items():
+        if {r["task"] for r in group} != tasks or any(r.get("params_ratio") is None for r in group):
+            continue
+        mean = lambda key: sum(r[key] for r in group) / len(group)  # noqa: E731
+        lat = [r.get("latency_ratio") for r in group]
+        lines.setdefault(label, []).append((mean("params_ratio"), sum(lat) / len(lat) if all(lat) else None,
+                                            mean("pruned_ft")))
+    dense_by_task = {r["task"]: r["dense_ft"] for r in rows if r.get("dense_ft") is not None}
+    dense = (1.0, 1.0, sum(dense_by_task.values()) / len(dense_by_task)) if set(dense_by_task) == tasks else None
+    return {k: sorted(v) for k, v in lines.items()}, dense
+
+
+def plot_pareto(rows: list[dict], series: list[str], path: Path) -> Path:
+    """Accuracy after fine-tuning against the fraction of parameters kept and against the measured prefill
+    latency ratio, one line per label of ``series`` (all layer counts of the grid), dense as a star."""
+    plt = _plt()
+    lines, dense = pareto_points(rows, series)
+    n_tasks = len({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
+    for i, (ax, xlabel) in enumerate(zip(axes, ("parameters (fraction of dense)", "prefill latency (ratio to dense)"))):
+        for label, pts in lines.items():
+            pts = [p for p in pts if p[i] is not None]
+            ax.plot([p[i] for p in pts], [p[2] for p in pts], marker="o", label=label)
+        if dense is not None:
+            ax.plot([dense[i]], [dense[2]], marker="*", ms=14, color="k", linestyle="none", label="dense, fine-tuned")
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel("accuracy after fine-tuning" + (f" (mean of {n_tasks} tasks)" if n_tasks > 1 else ""))
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
