@@ -33,7 +33,7 @@ def test_unknown_keys_get_did_you_mean_and_all_are_reported(tmp_path):
 
 @pytest.mark.parametrize("override,needle", [
     ("score.steps=abc", "score.steps"), ("plan.merge=true", "plan.merge"), ("finetune.mode=lra", "finetune.mode"),
-    ("task=null", "task and data"), ("plan.target_params=0.4", "plan.prune and plan.target_params"),
+    ("task=null", "task and data"), ("plan.target_params=0.4", "exactly one of plan.prune, plan.target_params"),
     ("out=../../etc", "climbs out"), ("seed", "key=value"), ("score=3", "mapping"),
 ])
 def test_bad_values_are_named(override, needle):

@@ -141,7 +141,7 @@ def test_layers_for_target_unreachable_names_maximum():
 
 @pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5, math.nan])
 def test_layers_for_target_fraction_range(fraction):
-    with pytest.raises(GradPrunerError, match="--target-fraction"):
+    with pytest.raises(GradPrunerError, match="--target-params"):
         layers_for_target([1.0, 2.0], [1, 1], 2, fraction)
 
 

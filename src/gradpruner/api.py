@@ -196,26 +196,32 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
 
 # --- plan -------------------------------------------------------------------------------------
 
-def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, *, overwrite: bool = False,
-         **settings) -> dict:
+def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, *, model: str | None = None,
+         overwrite: bool = False, **settings) -> dict:
     """Choose the layers to remove and to merge from a scores file and write plan.json.
 
     The settings are the fields of ``PlanConfig`` (``prune`` or ``target_params``, ``merge``, ``rule``,
     ``granularity``, ``protect_last``, ``max_block``): pass ``config`` or any of them as keywords. The N
     lowest-scoring layers are removed; of those, the M highest-scoring are merged into the nearest
     preceding kept layer. With ``granularity="hidden"`` (paper Appendix D) the same parameter budget
-    is taken from the residual-stream width instead of from whole layers (see ``pruning.width``)."""
+    is taken from the residual-stream width instead of from whole layers (see ``pruning.width``).
+    ``target_latency`` and ``target_memory`` are measured on ``model`` (the model the scores came from)."""
     c = options.settings(PlanConfig, config, settings, "plan setting")
-    if "target_params" in settings and "prune" not in settings and c.target_params is not None:
-        c = dataclasses.replace(c, prune=None)  # a fraction given alone replaces the default count
+    targets = ("target_params", "target_latency", "target_memory")
+    if any(settings.get(t) is not None for t in targets) and "prune" not in settings:
+        c = dataclasses.replace(c, prune=None)  # a target given alone replaces the default count
     prune, target_params, merge, rule = c.prune, c.target_params, c.merge, c.from_method
     granularity, protect_last, max_block = c.granularity, c.protect_last, c.max_block
     with Collect() as check:
         data = check(_read_scores, scores)
         if rule is not None:
             check(lookup, IGIA_SCORES, rule, "IGIA method (from_method)")
-        if (prune is None) == (target_params is None):
-            check.problems.append("Give exactly one of --prune N or --target-params FRACTION.")
+        if sum(v is not None for v in (prune, target_params, c.target_latency, c.target_memory)) != 1:
+            check.problems.append("Give exactly one of --prune N, --target-params FRACTION, --target-latency RATIO "
+                                  "and --target-memory GIB.")
+        elif (c.target_latency is not None or c.target_memory is not None) and model is None:
+            check.problems.append("--target-latency and --target-memory are measured on the model: give --model "
+                                  "(the model the scores came from).")
         if granularity not in ("layer", "hidden"):
             check.problems.append(f"--granularity {granularity!r} is not known; use layer or hidden.")
         check(check_output, out, overwrite)
@@ -227,14 +233,54 @@ def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, 
         if not data.get("layer_params"):
             raise GradPrunerError(f"Scores file {scores} records no layer_params; use --prune N instead of --target-params.")
         prune = planning.layers_for_target(layer_scores, data["layer_params"], data["total_params"], target_params)
+    measured = None
+    if prune is None:  # a measured target
+        prune, measured = _measured_target(c, model, layer_scores, data)
     result = planning.make_plan(layer_scores, prune, merge, data.get("layer_params"), data.get("total_params"),
                                 protect_last=protect_last, max_block=max_block)
     if granularity == "hidden":
         result = _hidden_plan(scores, data, result)
+    if measured is not None:
+        result["target"] = measured
     result.update({"scores_file": str(Path(scores).resolve()), "model": data.get("model"),
                    "method": data.get("method", "igia"), "score_rule": rule or data.get("method", "igia")})
     write_json(out, result)
     return result
+
+
+def _measured_target(c: PlanConfig, model: str, layer_scores: list[float], data: dict) -> tuple[int, dict]:
+    """How many layers a latency or memory target needs, measured on ``model``: (count, what was measured)."""
+    import copy
+
+    from gradpruner.measure import targets
+    from gradpruner.pruning.surgery import remove_layers
+
+    source = resolve_model(model)
+    config = check_model(source)
+    dense = load_model(source)
+    _, _, layers = architectures.find_decoder_layers(dense)
+    if len(layers) != len(layer_scores):
+        raise GradPrunerError(f"Model {model} has {len(layers)} decoder layers but the scores have {len(layer_scores)}; "
+                              "give the model the scores came from.")
+    order = sorted(range(len(layers)), key=lambda j: (layer_scores[j], j))[:-1]  # make_plan's removal order
+    if c.target_memory is not None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        itemsize = (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize
+        per_layer = [targets.weight_bytes(layer, itemsize) for layer in layers]
+        total = targets.weight_bytes(dense, itemsize)
+        k = targets.layers_for_memory(total, per_layer, order, c.target_memory)
+        after = total - sum(per_layer[j] for j in order[:k])
+        return k, {"kind": "memory", "gib": c.target_memory, "bytes_before": total, "bytes_after": after,
+                   "itemsize": itemsize}
+
+    def build(k: int):
+        small = copy.deepcopy(dense)
+        remove_layers(small, sorted(set(range(len(layers))) - set(order[:k])))
+        return small
+
+    k, ratios = targets.layers_for_latency(dense, build, len(layers), c.target_latency, c.latency, echo=log.info)
+    return k, {"kind": "latency", "latency": c.latency, "ratio_target": c.target_latency, "measured": ratios[k],
+               "ratios": {str(n): r for n, r in sorted(ratios.items())}}
 
 
 def _read_scores(scores) -> dict:

@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="choose layers to drop and merge from scores.json (plan.json)")
     p.add_argument("--scores", required=True, help="scores.json written by `gradpruner score`")
+    p.add_argument("--model", help="the model the scores came from: --target-latency and --target-memory measure it")
     add_options(p, PlanConfig)
-    p.set_defaults(prune=None)  # so that --target-params alone is not mixed with the default count
+    p.set_defaults(prune=None)  # so that a target alone is not mixed with the default count
     _add_out(p, "plan.json to write")
 
     r = sub.add_parser("prune", help="merge and remove layers per plan.json; save a standard checkpoint")
@@ -189,8 +190,12 @@ def _run(args) -> int:
         given = vars(from_args(PlanConfig, args))
         if given["prune"] is None:  # not given: the API applies the default count unless target_params is given
             del given["prune"]
-        res = api.plan(args.scores, args.out, overwrite=args.overwrite, **given)
+        res = api.plan(args.scores, args.out, model=args.model, overwrite=args.overwrite, **given)
         print(plan_summary(res))
+        if "target" in res:
+            t = res["target"]
+            print(f"measured: {t['latency']} latency {t['measured']:.3f} of the dense model's" if t["kind"] == "latency"
+                  else f"weights {t['bytes_after'] / 1024 ** 3:.3f} GiB (dense {t['bytes_before'] / 1024 ** 3:.3f} GiB)")
         print(f"wrote {args.out}")
     elif args.command == "prune":
         res = api.prune(args.model, args.plan, args.out, igia=args.igia, config=from_args(PruneConfig, args),

@@ -212,8 +212,10 @@ def _check(cfg: RunConfig) -> list[str]:
         out.append("Give exactly one of the config keys task and data (set the other to null).")
     if cfg.data is not None and cfg.eval_data is None:
         out.append("With data, give eval_data too: a held-out JSONL that shares no example with data.")
-    if (cfg.plan.prune is None) == (cfg.plan.target_params is None):
-        out.append("Give exactly one of plan.prune and plan.target_params (set the other to null).")
+    targets = [cfg.plan.prune, cfg.plan.target_params, cfg.plan.target_latency, cfg.plan.target_memory]
+    if sum(t is not None for t in targets) != 1:
+        out.append("Give exactly one of plan.prune, plan.target_params, plan.target_latency and plan.target_memory "
+                   "(set the others to null).")
     if cfg.finetune.distill not in (None, "dense_ft", "dense"):
         out.append(f"finetune.distill is {cfg.finetune.distill!r}; use null, dense_ft (the dense fine-tuned model) or dense.")
     elif cfg.finetune.distill == "dense_ft" and not cfg.finetune.dense_baseline:

@@ -34,7 +34,8 @@ def _key(*parts) -> str:
 LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "laco_group": 4, "laco_threshold": 0.65,
                    "steps_fraction": None, "planned_steps": None, "lora_dropout": 0.0, "max_grad_norm": 0.0,
                    "greedy_pool": "all", "greedy_pool_factor": 2.0},
-         "plan": {"granularity": "layer", "protect_last": 0, "max_block": None},
+         "plan": {"granularity": "layer", "protect_last": 0, "max_block": None, "target_latency": None,
+                  "latency": "prefill", "target_memory": None},
          "prune": {"out_of_core": None, "max_shard_size": "2GB"},
          "finetune": {"distill": None, "distill_alpha": 0.5, "distill_temperature": 1.0, "lora_dropout": 0.05,
                       "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
@@ -254,7 +255,7 @@ def _score(cfg: RunConfig, out: Path, fresh: bool) -> dict:
 
 
 def _plan(cfg: RunConfig, scores: Path, out: Path, fresh: bool) -> dict:
-    res = api.plan(scores, out, config=cfg.plan, overwrite=True)
+    res = api.plan(scores, out, config=cfg.plan, model=cfg.model, overwrite=True)
     return {"keep": res["keep"], "drop": res["drop"], "merge": res["merge"]}
 
 

@@ -80,7 +80,7 @@ def _point_config(cfg: RunConfig, k: int, out: Path, offset: int) -> RunConfig:
     """The run of one fine-tuned point: the search's fine-tune budget, the validation slice, no extra evaluations."""
     c = copy.deepcopy(cfg)
     c.out = str(out)
-    c.plan = dataclasses.replace(c.plan, prune=k, target_params=None)
+    c.plan = dataclasses.replace(c.plan, prune=k, target_params=None, target_latency=None, target_memory=None)
     steps = cfg.search.finetune_steps
     c.finetune = dataclasses.replace(c.finetune, dense_baseline=True,
                                      **({"max_steps": steps} if steps is not None else {}))

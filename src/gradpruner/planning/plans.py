@@ -171,7 +171,7 @@ def layers_for_target(layer_scores: list[float], layer_params: list[int], total_
     scores = _check_scores(layer_scores)
     total = _check_params(layer_params, total_params, len(scores))
     if not _is_real(fraction) or not 0 < fraction < 1:
-        raise GradPrunerError(f"--target-fraction must be between 0 and 1, exclusive (got {fraction!r}).")
+        raise GradPrunerError(f"--target-params must be between 0 and 1, exclusive (got {fraction!r}).")
     removed = 0
     order = _ranking(scores)
     for n, layer in enumerate(order[:-1], start=1):
@@ -179,7 +179,7 @@ def layers_for_target(layer_scores: list[float], layer_params: list[int], total_
         if removed >= fraction * total:
             return n
     raise GradPrunerError(
-        f"--target-fraction {fraction} cannot be reached: removing all but one layer removes only "
+        f"--target-params {fraction} cannot be reached: removing all but one layer removes only "
         f"{removed / total:.4f} of the parameters; ask for at most that.")
 
 
