@@ -46,6 +46,8 @@ def test_run_end_to_end_then_cached_then_partial_rerun(tiny_llama, tmp_path, one
         assert needle in text
     html = (d / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html
+    card = (d / "pruned_ft" / "README.md").read_text()  # the model card carries the run's measured results
+    assert "## Measured results" in card and f"| {pr['value']:.4f} | 6 |" in card and "**Pruned**: 3 of 8" in card
     stage = json.loads((d / "stages" / "pruned_ft.json").read_text())
     assert stage["usage"]["seconds"] > 0 and stage["usage"]["peak_rss_mb"] > 0
 

@@ -19,7 +19,9 @@ from gradpruner.errors import Collect, GradPrunerError, lookup
 from gradpruner.healing.config import HealConfig
 from gradpruner.measure.costs import param_counts
 from gradpruner.models import architectures, experts
+from gradpruner.models.card import write_card
 from gradpruner.models.loading import (
+    base_model,
     check_model,
     load_config,
     load_model,
@@ -356,6 +358,7 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
                 check(_check_factor_names, factors, the_plan, merge_rule)
     stream = _choose_streaming(out_of_core, source, model_config, the_plan)
     meta = {"plan": the_plan, "density": density, "merge_rule": merge_rule, "source": str(source),
+            "base_model": base_model(model),
             "igia": str(factors) if factors else None, "out_of_core": stream, "versions": versions()}
     if stream:
         from gradpruner.pruning.streamed import prune_streaming
@@ -364,6 +367,7 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
             meta["merge_stats"] = prune_streaming(source, model_config, the_plan, tmp, factors, density, merge_rule,
                                                   shard_bytes)
             write_json(tmp / "gradpruner.json", meta)
+            write_card(tmp)
         return meta
     model_obj, tok, meta["merge_stats"] = _prune_in_memory(source, model_config, the_plan, factors, density, merge_rule,
                                                            trust_remote_code, allow_pickle)
@@ -512,7 +516,8 @@ def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path
     report = heal_model(dense_model, small_model, the_plan["keep"], make_batches(fit, tok.pad_token_id, c.batch_size, device),
                         make_batches(held, tok.pad_token_id, c.batch_size, device), c)
     del dense_model
-    report.update({"model": str(dense), "pruned": str(small), "task": task, "data": str(data) if data else None,
+    report.update({"model": str(dense), "base_model": base_model(model_dense), "pruned": str(small), "task": task,
+                   "data": str(data) if data else None,
                    "plan": {k: the_plan[k] for k in ("num_layers", "keep", "drop")}, "versions": versions()})
     extra = {"heal.json": report}
     if isinstance(small, Path) and (small / "gradpruner.json").is_file():

