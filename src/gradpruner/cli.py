@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--train-data", help="your training JSONL: refuse to evaluate on examples that overlap it")
     e.add_argument("--seed", type=int, default=0, help="seed of the deterministic task split")
     e.add_argument("--details", action="store_true", help="keep per-item results in --out")
+    e.add_argument("--harness", help="instead: lm-evaluation-harness task(s), comma-separated (e.g. arc_easy,piqa), run by "
+                   "the harness itself on the model folder (needs lm-eval and, for its own tasks, the Hub)")
+    e.add_argument("--harness-include", help="folder of harness task YAML files of your own (the harness's --include_path)")
     e.add_argument("--out", help="JSON file for the result")
     e.add_argument("--overwrite", action="store_true")
 
@@ -218,6 +221,18 @@ def _run(args) -> int:
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
         print(f"wrote {args.out} ({rec['optimizer_steps']} optimizer steps, {rec['wall_seconds']:.0f} s, "
               f"final loss {rec['final_loss']:.4f})")
+    elif args.command == "eval" and args.harness:
+        from gradpruner.evaluation.harness import format_harness, run_harness, save_harness
+        from gradpruner.models.loading import resolve_model
+        from gradpruner.util.atomic import check_output
+
+        if args.out:
+            check_output(args.out, args.overwrite)
+        res = run_harness(resolve_model(args.model), [t.strip() for t in args.harness.split(",") if t.strip()],
+                          limit=args.limit, batch_size=args.batch_size, include=args.harness_include)
+        if args.out:
+            save_harness(res, args.out)
+        print(format_harness(res) + (f"\nwrote {args.out}" if args.out else ""))
     elif args.command == "eval":
         from gradpruner.evaluation.evaluate import evaluate
 
