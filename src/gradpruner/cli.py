@@ -222,7 +222,11 @@ def _run(args) -> int:
         print(f"wrote {args.out} ({rec['optimizer_steps']} optimizer steps, {rec['wall_seconds']:.0f} s, "
               f"final loss {rec['final_loss']:.4f})")
     elif args.command == "eval" and args.harness:
-        from gradpruner.evaluation.harness import format_harness, run_harness, save_harness
+        from gradpruner.evaluation.harness import (
+            format_harness,
+            run_harness,
+            save_harness,
+        )
         from gradpruner.models.loading import resolve_model
         from gradpruner.util.atomic import check_output
 
