@@ -35,8 +35,8 @@ from pathlib import Path
 from gradpruner.errors import Collect, GradPrunerError
 from gradpruner.evaluation.stats import paired_bootstrap, paired_scores
 from gradpruner.pipeline.config import RunConfig, config_from_dict, read_yaml_mapping
+from gradpruner.report.pages import write_page
 from gradpruner.util.atomic import atomic_file, write_json
-from gradpruner.util.tables import markdown_table
 
 EVAL_NAMES = ("dense_zero_shot", "dense_ft", "pruned", "pruned_ft")
 
@@ -256,11 +256,6 @@ def _pivot(rows: list[dict], axes: list[str], reference: str | None = None) -> l
     return table
 
 
-def _md(table: list[list[str]]) -> str:
-    head, *body = table
-    return markdown_table(head, body)
-
-
 DELTA_COLS = ("reference", "delta_vs_reference", "delta_vs_reference_low", "delta_vs_reference_high",
               "delta_vs_reference_avg", "delta_vs_reference_avg_low", "delta_vs_reference_avg_high")
 UNFINISHED = "not finished (this cell or its reference cell)"
@@ -358,23 +353,20 @@ def write_table(out: Path, cells: list[tuple[dict, RunConfig]], reference: str |
     w.writerows(rows)
     with atomic_file(out / "table.csv") as tmp:
         tmp.write(buf.getvalue())
-    parts = [f"# Comparison: {out}", "", "Accuracy (the task's metric) after fine-tuning the pruned model; every cell "
-             "ran with the same data, fine-tuning budget and held-out items. Cells not finished show –.", ""]
+    blocks = [("h1", f"Comparison: {out}"),
+              ("p", "Accuracy (the task's metric) after fine-tuning the pruned model; every cell ran with the same data, "
+                    "fine-tuning budget and held-out items. Cells not finished show –.")]
     others = [a for a in axes if a != "task"]
     if others:
         shown = reference if ref_axis is not None else None
-        parts += [f"## By {', '.join(others)} (paper Table 1 layout)", "", _md(_pivot(rows, others, shown)), ""]
+        blocks += [("h2", f"By {', '.join(others)} (paper Table 1 layout)"), ("table", _pivot(rows, others, shown))]
     every = [md_cols + ([f"Δ vs {reference}"] if ref_axis is not None else [])]
     every += [[_fmt(r.get(c)) for c in md_cols] + ([_interval(r)] if ref_axis is not None else []) for r in rows]
-    parts += ["## Every cell", "", _md(every), ""]
+    blocks += [("h2", "Every cell"), ("table", every)]
     if ref_axis is not None:
-        parts += _delta_notes(rows, axes, reference, ref_axis)
-    for png in _plots(out, rows, axes):
-        parts += [f"![{png.stem}]({png.name})", ""]
-    path = out / "table.md"
-    with atomic_file(path) as tmp:
-        tmp.write("\n".join(parts))
-    return path
+        blocks += [("p", text) for text in _delta_notes(rows, axes, reference, ref_axis) if text]
+    blocks += [("img", png, png.stem) for png in _plots(out, rows, axes)]
+    return write_page(blocks, out, "table", f"gradpruner compare: {out.name}")[0]
 
 
 def _plots(out: Path, rows: list[dict], axes: list[str]) -> list[Path]:

@@ -1,16 +1,13 @@
 """The run report: one list of blocks rendered to Markdown and to a self-contained HTML page."""
 from __future__ import annotations
 
-import base64
-import html
 import json
 from pathlib import Path
 
 from gradpruner.planning.plans import plan_summary
+from gradpruner.report.pages import write_page
 from gradpruner.report.plots import plot_bars, plot_layer_scores
 from gradpruner.scoring.variants import guard_pool
-from gradpruner.util.atomic import atomic_file
-from gradpruner.util.tables import markdown_table
 
 ROWS = [("dense_zero_shot", "dense, zero-shot"), ("dense_ft", "dense, fine-tuned"),
         ("pruned", "pruned, no fine-tune"), ("pruned_ft", "GradPruner (pruned + fine-tuned)")]
@@ -142,50 +139,9 @@ def _sensitivity_blocks(scores: dict, k: int, run_dir: Path) -> list:
             ("img", run_dir / "sensitivity.png", "removed-set agreement vs scoring steps")]
 
 
-def _md(blocks, run_dir: Path) -> str:
-    out = []
-    for b in blocks:
-        kind = b[0]
-        if kind in ("h1", "h2"):
-            out.append(("# " if kind == "h1" else "## ") + b[1])
-        elif kind == "p":
-            out.append(b[1])
-        elif kind == "pre":
-            out.append("```\n" + b[1].rstrip() + "\n```")
-        elif kind == "img":
-            out.append(f"![{b[2]}]({Path(b[1]).relative_to(run_dir)})")
-        elif kind == "table":
-            out.append(markdown_table(b[1][0], b[1][1:]))
-        out.append("")
-    return "\n".join(out)
-
-
-def _html(blocks) -> str:
-    parts = ["<!doctype html><meta charset='utf-8'><title>gradpruner report</title>",
-             "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}td,th{padding:.2em .6em;"
-             "border-bottom:1px solid #ddd;text-align:right}pre{background:#f6f6f6;padding:1em}</style>"]
-    for b in blocks:
-        kind = b[0]
-        if kind in ("h1", "h2", "p"):
-            parts.append(f"<{kind}>{html.escape(b[1])}</{kind}>")
-        elif kind == "pre":
-            parts.append(f"<pre>{html.escape(b[1])}</pre>")
-        elif kind == "img":
-            data = base64.b64encode(Path(b[1]).read_bytes()).decode()
-            parts.append(f"<img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'>")
-        elif kind == "table":
-            head = "".join(f"<th>{html.escape(c)}</th>" for c in b[1][0])
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b[1][1:])
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-    return "\n".join(parts)
-
-
 def write_report(run_dir: str | Path) -> Path:
     """Write report.md and a self-contained report.html into the run folder."""
     run_dir = Path(run_dir)
     blocks = build_blocks(run_dir)
-    with atomic_file(run_dir / "report.md") as fh:
-        fh.write(_md(blocks, run_dir))
-    with atomic_file(run_dir / "report.html") as fh:
-        fh.write(_html(blocks))
+    write_page(blocks, run_dir, "report", "gradpruner report")
     return run_dir / "report.md"
