@@ -24,10 +24,14 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(OFFLINE) $(VENV)/bin/gradpruner demo
 
-test: $(VENV)/.installed
+# the report pages are checked in Debian's headless Chromium (tests/test_browser.py)
+browser:
+	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: $(VENV)/.installed browser
 	$(OFFLINE) $(VENV)/bin/pytest -q
 
 test-fast: $(VENV)/.installed
 	$(OFFLINE) $(VENV)/bin/pytest -q -m "not slow"
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast browser

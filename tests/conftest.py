@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +34,11 @@ def pytest_runtest_setup(item):
         if _in_ci():
             pytest.fail(f"CI is set but {_NO_DATA}", pytrace=False)
         pytest.skip(_NO_DATA)
+    if item.get_closest_marker("needs_browser") and not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        why = "Debian's chromium is not installed (make test installs it: apt-get install chromium)"
+        if _in_ci():
+            pytest.fail(f"CI is set but {why}", pytrace=False)
+        pytest.skip(why)
 
 
 @pytest.fixture(scope="session")

@@ -378,7 +378,7 @@ def _plots(out: Path, rows: list[dict], axes: list[str]) -> list[Path]:
     if not done:
         return []
     paths = [plot_grouped(done, axes, out / "accuracy.png")]
-    series = [a for a in axes if a not in ("task",)]
+    series = [a for a in axes if a not in ("task", "removed")]  # the layer count is the x axis, not a series
     if len({r["removed"] for r in done}) > 1 and series:
         paths.append(plot_accuracy_lines(done, series[0], out / "accuracy_vs_removed.png"))
     if any(r.get("params_ratio") is not None for r in done):

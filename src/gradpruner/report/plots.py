@@ -188,7 +188,7 @@ def plot_pareto(rows: list[dict], series: list[str], path: Path) -> Path:
     lines, dense = pareto_points(rows, series)
     n_tasks = len({r["task"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=True)
-    for i, (ax, xlabel) in enumerate(zip(axes, ("parameters (fraction of dense)", "prefill latency (ratio to dense)"))):
+    for i, (ax, xlabel) in enumerate(zip(axes, ("parameters (fraction of dense)", "prefill latency (ratio to dense, as measured at evaluation)"))):
         for label, pts in lines.items():
             pts = [p for p in pts if p[i] is not None]
             ax.plot([p[i] for p in pts], [p[2] for p in pts], marker="o", label=label)
