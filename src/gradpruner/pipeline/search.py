@@ -329,10 +329,10 @@ def summarise(cfg: RunConfig, sr: Search, dense0: dict, dense_ft: dict, cheap: l
             "dense": slim(dense0, dense0), "dense_ft": slim(dense_ft, dense_ft),
             "before_finetune": [slim(p, dense0) for p in cheap], "finetuned": [slim(p, dense_ft) for p in tuned],
             "recommended": None if best is None else best["k"],
-            "verdict": verdict(cfg, best, failed_above, tuned)}
+            "verdict": verdict(cfg, best, failed_above, tuned, sr.num_layers)}
 
 
-def verdict(cfg: RunConfig, best: dict | None, failed_above: list[int], tuned: list[dict]) -> str:
+def verdict(cfg: RunConfig, best: dict | None, failed_above: list[int], tuned: list[dict], num_layers: int) -> str:
     """One paragraph for the user: the answer, how sure it is, and what bounds it."""
     s = cfg.search
     tol = f"a drop of at most {s.max_drop}" if s.max_drop is not None else f"a loss ratio of at most {s.max_loss}"
@@ -340,7 +340,7 @@ def verdict(cfg: RunConfig, best: dict | None, failed_above: list[int], tuned: l
         tried = ", ".join(str(p["k"]) for p in tuned)
         return (f"No removal tried ({tried} layers) kept {tol} after fine-tuning; the model needs all its layers for "
                 "this tolerance, or a larger tolerance or fine-tuning budget.")
-    text = f"Remove {best['k']} of the layers: after the same fine-tune it keeps {tol} "
+    text = f"Remove {best['k']} of the {num_layers} layers: after the same fine-tune it keeps {tol} "
     if s.max_drop is not None and best.get("drop_interval"):
         lo, hi = best["drop_interval"]
         text += f"(drop {best['drop']:+.3f}, paired 95% interval [{lo:+.3f}, {hi:+.3f}]). "

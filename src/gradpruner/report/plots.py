@@ -136,7 +136,7 @@ def plot_search_curve(rows: list[dict], path: Path, xlabel: str, max_drop: float
         xs = [r["budget"] for r in pts]
         err = [[r["drop"] - (r["drop_low"] if r["drop_low"] is not None else r["drop"]) for r in pts],
                [(r["drop_high"] if r["drop_high"] is not None else r["drop"]) - r["drop"] for r in pts]]
-        label = phase.replace("_", " ")
+        label = {"before_finetune": "before fine-tuning", "finetuned": "fine-tuned"}[phase]
         top.errorbar(xs, [r["drop"] for r in pts], yerr=err, capsize=3, linestyle="-", label=label, **style)
         bottom.plot(xs, [r["loss_ratio"] for r in pts], linestyle="-", label=label, **style)
         for r in pts:

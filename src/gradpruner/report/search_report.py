@@ -61,12 +61,14 @@ def write_search_outputs(out: Path, result: dict, plan: dict | None) -> None:
 def search_page(result: dict, rows: list[dict]) -> str:
     s, sl = result["search"], result["slice"]
     tol = f"--max-drop {s['max_drop']}" if s["max_drop"] is not None else f"--max-loss {s['max_loss']}"
-    table = markdown_table(["phase", "layers removed", s["budget"], result["dense"]["metric"], "drop [95% interval]",
+    budget = [] if s["budget"] == "layers" else [BUDGET_LABELS[s["budget"]]]
+    table = markdown_table(["phase", "layers removed", *budget, result["dense"]["metric"], "drop [95% interval]",
                             "loss ratio", "within", "seconds"],
-                           [[r["phase"].replace("_", " "), str(r["k"]), _fmt(r["budget"]), _fmt(r["value"]),
-                             _fmt(r["drop"]) + (f" [{r['drop_low']:+.3f}, {r['drop_high']:+.3f}]"
-                                                if r["drop_low"] is not None else ""),
-                             _fmt(r["loss_ratio"]), "yes" if r["within"] else "no", _fmt(r["seconds"])] for r in rows])
+                           [[r["phase"].replace("_", " "), str(r["k"]), *([_fmt(r["budget"])] if budget else []),
+                             f"{r['value']:.3f}", f"{r['drop']:+.3f}" + (f" [{r['drop_low']:+.3f}, {r['drop_high']:+.3f}]"
+                                                                      if r["drop_low"] is not None else ""),
+                             f"{r['loss_ratio']:.3f}", "yes" if r["within"] else "no",
+                             "" if r["seconds"] is None else f"{r['seconds']:.0f}"] for r in rows])
     return (f"# How much can go: {result['model']} on {result['task'] or result['data']}\n\n"
             f"**{result['verdict']}**\n\n"
             f"Tolerance {tol}; validation items {sl['offset']}..{sl['offset'] + sl['limit'] - 1} of {sl['n_heldout']} "
