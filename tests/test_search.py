@@ -143,3 +143,17 @@ def test_retarget_recomputes_the_guard_without_scoring():
     assert retarget({"method": "greedy_loss", "layer_scores": [3, 1, 2]}, 2) is None
     with pytest.raises(GradPrunerError):
         load_config(None, ["search.bogus=1"])
+
+
+def test_python_api_takes_keywords_and_refuses_bad_ones(tiny_llama, tmp_path):
+    import gradpruner
+    from gradpruner.pipeline.search import search_config
+
+    cfg = search_config(model=str(tiny_llama), task="arc_easy", out=str(tmp_path / "s"), max_loss=1.1, budget="params")
+    assert (cfg.model, cfg.out, cfg.search.max_loss, cfg.search.budget) == (str(tiny_llama), str(tmp_path / "s"), 1.1, "params")
+    assert search_config(cfg, step=3).search.max_loss == 1.1 and search_config(cfg, step=3).search.step == 3
+    with pytest.raises(GradPrunerError, match="max_dorp"):
+        search_config(max_dorp=0.1)
+    with pytest.raises(GradPrunerError, match="--max-drop 2.0"):
+        gradpruner.search(model=str(tiny_llama), task="arc_easy", out=str(tmp_path / "s"), max_drop=2.0)
+    assert not (tmp_path / "s").exists()

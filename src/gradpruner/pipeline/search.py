@@ -280,9 +280,31 @@ def next_probe(passed: list[int], failed: list[int], first: int, lo: int, hi: in
     return (low + high) // 2
 
 
-def search(cfg: RunConfig, echo=print, isolate: bool = True) -> dict:
-    """Run the search of ``cfg.search`` on ``cfg``'s model and task; write search.json, curve.csv,
-    search.png, search.md and (when some removal is within the tolerance) plan.json to ``cfg.out``."""
+RUN_KEYS = ("model", "task", "data", "eval_data", "data_dir", "out", "seed")
+
+
+def search_config(cfg: RunConfig | None = None, **settings) -> RunConfig:
+    """``cfg`` (or the defaults, out ``runs/search``) with keyword settings applied: the run keys
+    ``model``, ``task``, ``data``, ``eval_data``, ``data_dir``, ``out``, ``seed``, and any field of the
+    ``search`` section (``max_drop``, ``max_loss``, ``budget``, …). Unknown names are one clear error."""
+    from gradpruner.pipeline.config import config_from_dict
+
+    base = cfg.to_dict() if cfg is not None else {"out": "runs/search"}
+    top = {k: settings.pop(k) for k in RUN_KEYS if k in settings}
+    if "data" in top and "task" not in top:
+        top["task"] = None
+    return config_from_dict({**base, **top, "search": {**base.get("search", {}), **settings}})
+
+
+def search(cfg: RunConfig | None = None, echo=print, isolate: bool = True, **settings) -> dict:
+    """How many layers can go: run the search on a model and task and write search.json, curve.csv,
+    search.png, search.md and (when some removal is within the tolerance) plan.json to the out folder.
+
+    Give a run config (``cfg``, its ``search`` section the settings) or keywords, e.g.
+    ``search(model="smollm2-135m", task="arc_easy", max_drop=0.02, out="runs/search")`` (``search_config``).
+    Returns what search.json holds: every point measured and the recommendation with its verdict."""
+    if cfg is None or settings:
+        cfg = search_config(cfg, **settings)
     s = cfg.search
     with Collect() as check:  # every problem before any work: the settings, the model, the data, the folder
         check.problems.extend(search_problems(cfg))
