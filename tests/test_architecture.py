@@ -22,7 +22,7 @@ LAYERS = [
     {"errors"},
     {"util"},
     {"models", "data"},
-    {"scoring", "planning", "pruning", "healing", "finetuning", "evaluation", "measure"},  # the stages
+    {"scoring", "planning", "pruning", "healing", "finetuning", "evaluation", "measure", "export"},  # the stages
     {"report"},
     {"api"},
     {"pipeline"},

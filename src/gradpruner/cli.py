@@ -164,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder for bench.json and bench.md")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+    x = sub.add_parser("export", help="write a model folder (a pruned one, say) as one file for another runtime: GGUF "
+                       "for llama.cpp (see docs/export.md)")
+    x.add_argument("--model", required=True, help="local model folder with safetensors weights and its tokenizer, e.g. "
+                   "the --out of prune, heal or finetune")
+    x.add_argument("--format", default="gguf", help="file format: gguf (default, for llama.cpp; the only one so far)")
+    x.add_argument("--type", default="f16", help="tensor type: f32, f16 (default) or q8_0 (8-bit blocks; vectors stay "
+                   "float32)")
+    _add_out(x, "the file to write, e.g. model.gguf")
+
     rp = sub.add_parser("report", help="(re)write report.md and report.html of a run folder")
     rp.add_argument("run_dir")
 
@@ -289,6 +298,13 @@ def _run(args) -> int:
         print(format_table(res))
         if args.out:
             print(f"wrote {args.out}")
+    elif args.command == "export":
+        from gradpruner.errors import lookup
+        from gradpruner.export import FORMATS
+
+        res = lookup(FORMATS, args.format, "export format")(args.model, args.out, args.type, overwrite=args.overwrite)
+        print(f"wrote {res['out']}: {res['architecture']}, {res['layers']} layers, {res['type']}, "
+              f"{res['bytes'] / 2 ** 20:.1f} MiB; tokenizer {res['tokenizer']}, pre-tokenizer {res['pre']}")
     elif args.command == "report":
         from gradpruner.report.run_report import write_report
 

@@ -226,6 +226,31 @@ def atomic_file(target: str | os.PathLike, mode: str = "w"):
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike):
+    """Yield the path of an empty temporary sibling, for writers that open files by name (e.g. gguf's
+    GGUFWriter); it is fsynced and renamed to ``target`` when the block ends cleanly, removed otherwise."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), dir=target.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(exc, GradPrunerError) or not isinstance(exc, Exception):
+            raise
+        if isinstance(exc, OSError) or disk_full(exc):
+            raise _disk_error(target, exc) from exc
+        raise
+
+
 def write_json(target: str | os.PathLike, obj) -> None:
     with atomic_file(target) as fh:
         json.dump(obj, fh, indent=2)
