@@ -28,7 +28,13 @@ demo: $(VENV)/.installed
 browser:
 	@command -v chromium >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
-test: $(VENV)/.installed browser
+# llama.cpp itself runs the exported GGUF (tests/test_llama_cpp.py): llama-cpp-python compiles it from its
+# PyPI source with the machine's cmake and compiler (≈8 min on 2 cores, once)
+$(VENV)/.llama_cpp: $(VENV)/.installed
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q llama-cpp-python==0.3.36
+	touch $@
+
+test: $(VENV)/.installed $(VENV)/.llama_cpp browser
 	$(OFFLINE) $(VENV)/bin/pytest -q
 
 test-fast: $(VENV)/.installed

@@ -34,6 +34,14 @@ def pytest_runtest_setup(item):
         if _in_ci():
             pytest.fail(f"CI is set but {_NO_DATA}", pytrace=False)
         pytest.skip(_NO_DATA)
+    if item.get_closest_marker("needs_llama_cpp"):
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            why = "llama-cpp-python is not installed (make test builds it: see the Makefile)"
+            if _in_ci():
+                pytest.fail(f"CI is set but {why}", pytrace=False)
+            pytest.skip(why)
     if item.get_closest_marker("needs_browser") and not (shutil.which("chromium") or shutil.which("chromium-browser")):
         why = "Debian's chromium is not installed (make test installs it: apt-get install chromium)"
         if _in_ci():
