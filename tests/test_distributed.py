@@ -188,6 +188,19 @@ def test_capture_with_stub_deepspeed_reads_full_grads_inside_the_optimizer_step(
     torch.testing.assert_close(fac["model.layers.0.self_attn.q_proj.grad_B"][1], q.lora_B["default"].weight.grad)
 
 
+def test_capture_under_deepspeed_refuses_gradient_clipping(monkeypatch, tmp_path):
+    """Under DeepSpeed the capture reads before DeepSpeed clips, a plain run after the Trainer clips: with
+    clipping on the two would capture different gradients, so the capture refuses and names the cause."""
+    from gradpruner.errors import GradPrunerError
+    from gradpruner.scoring.capture import IGIACallback
+
+    monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
+    cb = IGIACallback(tmp_path / "s", steps=2)
+    with pytest.raises(GradPrunerError, match="before DeepSpeed clips them.*--max-grad-norm 0"):
+        cb.start_reading(SimpleNamespace(max_grad_norm=1.0), None, SimpleNamespace(optimizer=SimpleNamespace(step=print)))
+    cb.start_reading(SimpleNamespace(max_grad_norm=0.0), None, SimpleNamespace(optimizer=SimpleNamespace(step=print)))
+
+
 def test_full_grad_method_with_deepspeed_backend_forced_reads_through_the_accessor(monkeypatch, tiny_llama, qa_file):
     """The full_grad scoring method under DeepSpeed: whole gradients through the accessor, read first
     thing in the optimizer step (DeepSpeed's step runs before on_pre_optimizer_step); same scores as

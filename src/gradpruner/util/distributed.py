@@ -208,6 +208,14 @@ class GradientReader:
 
     def start_reading(self, args, model, optimizer) -> None:
         self.backend, self.grad_model = grad_backend(args), model
+        if self.backend == DEEPSPEED and (getattr(args, "max_grad_norm", 0) or 0) > 0:
+            # measured: a plain run reads the gradients after the Trainer has clipped them (it clips before
+            # on_pre_optimizer_step), a DeepSpeed run before DeepSpeed clips them (inside its step), so the
+            # captured gradients would differ by the clipping factor from the first step on
+            raise GradPrunerError(
+                f"{type(self).__name__} under DeepSpeed with gradient clipping (max_grad_norm {args.max_grad_norm}) would "
+                "read the gradients before DeepSpeed clips them, while a run without DeepSpeed reads them after "
+                "clipping, so the scores would not match; score with --max-grad-norm 0 (the default) under DeepSpeed.")
         if self.backend == DEEPSPEED and not call_before_step(optimizer, self._read):
             raise GradPrunerError(f"{type(self).__name__} cannot reach DeepSpeed's optimizer step to read the "
                                   "gradients; run without DeepSpeed (DDP or FSDP) or report this setup.")
