@@ -173,10 +173,11 @@ def _values(p: Planned, handle, arch: Arch, config) -> np.ndarray:
 
 def _write_tensors(writer: gguf.GGUFWriter, planned: list[Planned], arch: Arch, config) -> None:
     from safetensors import SafetensorError, safe_open
+    from tqdm.auto import tqdm
 
     handles: dict[Path, object] = {}
     try:
-        for p in planned:
+        for p in tqdm(planned, desc="writing GGUF", unit="tensor"):
             if p.file not in handles:
                 handles[p.file] = safe_open(str(p.file), "pt")
             writer.write_tensor_data(_values(p, handles[p.file], arch, config))

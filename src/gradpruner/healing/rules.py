@@ -156,8 +156,10 @@ def none(dense, pruned, cuts, batches, config) -> dict:
 
 def lstsq(dense, pruned, cuts, batches, config) -> dict:
     """ReplaceMe's closed form, cut by cut in order, folded into each down_proj before a cut."""
+    from tqdm.auto import tqdm
+
     out = []
-    for cut in cuts:
+    for cut in tqdm(cuts, desc="healing: fitting the folds", unit="cut"):
         t, n = fit_cut(dense, pruned, cut, batches, config)
         fold_into(mlp_output(pruned, cut.at), t)
         eye = torch.eye(t.shape[0], dtype=t.dtype)
@@ -229,7 +231,9 @@ def train_folds(dense, pruned, cuts, batches, config) -> list[float]:
     losses = []
     try:
         with only_trainable(pruned, [] if mats else params):  # the fold matrices are no parameters of the model
-            for step in range(config.steps):
+            from tqdm.auto import tqdm
+
+            for step in tqdm(range(config.steps), desc="healing: training the folds", unit="step"):
                 loss = heal_loss(dense, pruned, cuts, batches[step % len(batches)], config)
                 opt.zero_grad()
                 loss.backward()

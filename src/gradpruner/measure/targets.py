@@ -58,12 +58,18 @@ def layers_for_latency(dense_model, build: Callable[[int], object], n_layers: in
         raise GradPrunerError(f"--latency {kind!r}: use prefill or decode.")
     if not 0 < target < 1:
         raise GradPrunerError(f"--target-latency must be a ratio between 0 and 1, e.g. 0.7 (got {target!r}).")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1 + max(1, n_layers - 1).bit_length() + 1, desc=f"measuring {kind} latency", unit="model")
     dense = latency(dense_model, reps=reps)
+    bar.update()
     measured: dict[int, float] = {}
 
     def ratio(k: int) -> float:
         if k not in measured:
             measured[k] = latency_ratio(dense, latency(build(k), reps=reps), kind)
+            bar.update()
+            bar.set_postfix_str(f"{k} removed: {measured[k]:.3f}×")
             echo(f"  {k} layers removed: {kind} latency {measured[k]:.3f} of the dense model's")
         return measured[k]
 
@@ -77,4 +83,5 @@ def layers_for_latency(dense_model, build: Callable[[int], object], n_layers: in
             hi = mid
         else:
             lo = mid
+    bar.close()
     return hi, measured
