@@ -214,7 +214,7 @@ class Search:
         else:
             run(cfg, self.echo, self.isolate, self.store, checked=True)
         point = self._measure_folder(r.place(stage, stage))
-        spent = [st for st in ("dense_ft",) if not k] or ["score", "plan", "prune", "heal", "pruned_ft", "eval_pruned_ft"]
+        spent = ["score", "plan", "prune", "heal", "pruned_ft", "eval_pruned_ft"] if k else ["dense_ft"]
         point["seconds"] = round(point["seconds"] + sum(
             read_json(r.record(st), "Stage record")["usage"]["seconds"] for st in spent if st in r.keys and r.record(st).is_file()), 1)
         if k:
