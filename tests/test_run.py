@@ -61,6 +61,40 @@ def test_run_end_to_end_then_cached_then_partial_rerun(tiny_llama, tmp_path, one
     assert json.loads((d / "plan.json").read_text())["merge"] == {}
 
 
+def test_needed_stages_follow_unfinished_evaluations_upstream():
+    from gradpruner.pipeline.run import needed_stages
+
+    reads = {"dense_ft": (), "score": (), "plan": ("score",), "prune": ("plan",), "pruned_ft": ("prune", "dense_ft"),
+             "eval_dense_ft": ("dense_ft",), "eval_pruned_ft": ("pruned_ft",), "eval_pruned": ("prune",)}
+    assert needed_stages(reads, lambda s: True) == set()
+    assert needed_stages(reads, lambda s: s != "eval_dense_ft") == {"eval_dense_ft", "dense_ft"}
+    assert needed_stages(reads, lambda s: s != "eval_pruned") == {"eval_pruned", "prune", "plan", "score"}
+    assert needed_stages(reads, lambda s: s != "eval_pruned_ft") == {"eval_pruned_ft", "pruned_ft", "prune", "plan",
+                                                                     "score", "dense_ft"}
+
+
+def test_results_without_checkpoints_are_not_recomputed(tiny_llama, tmp_path, one_thread):
+    """Committed results keep evaluations and records but not the models: a run over them must not
+    fine-tune again what it has already evaluated, and an evaluation still missing rebuilds only its chain."""
+    import shutil
+
+    path = _config(tmp_path, tiny_llama)
+    run(load_config(path), echo=lambda s: None, isolate=False)
+    d = tmp_path / "run"
+    for folder in ("dense_ft", "pruned", "pruned_ft"):
+        shutil.rmtree(d / folder)
+    log: list[str] = []
+    report = run(load_config(path), echo=log.append, isolate=False)
+    assert _stages_run(log) == [] and report.is_file()
+    assert any("pruned_ft: not needed" in line for line in log) and not (d / "pruned_ft").exists()
+
+    (d / "eval" / "pruned_ft.json").unlink()
+    log.clear()
+    run(load_config(path), echo=log.append, isolate=False)
+    assert _stages_run(log) == ["prune", "pruned_ft", "eval_pruned_ft"]  # dense fine-tune not rebuilt
+    assert "## Measured results" in (d / "pruned_ft" / "README.md").read_text()
+
+
 def test_interrupted_run_resumes_where_it_stopped(tiny_llama, tmp_path, monkeypatch, one_thread):
     from gradpruner.pipeline import run as pipeline
 

@@ -163,6 +163,21 @@ class Run:
         except (json.JSONDecodeError, OSError):
             return False
 
+    def finished(self, stage: str, rels: list[str]) -> bool:
+        """Whether ``stage`` is recorded with this key and its first output exists."""
+        return self.done(stage, [self.place(stage, rels[0])])
+
+    def show(self, stage: str, rels: list[str]) -> None:
+        """A stage nothing needs now: show its record (and whatever outputs exist) in the run folder."""
+        rec = self.record(stage)
+        try:
+            same = json.loads(rec.read_text()).get("key") == self.keys[stage]
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            self._link(stage, rels)
+        self.echo(f"  ✓ {stage}: not needed, every stage reading it is done")
+
     def stage(self, stage: str, rels: list[str], fn, *args, **kwargs):
         """Run ``fn`` unless the stage is done; record its key, usage and result.
 
@@ -235,7 +250,7 @@ def _data_args(cfg: RunConfig) -> dict:
     return {"task": cfg.task, "data": cfg.data, "data_dir": cfg.data_dir}
 
 
-def _finetune(cfg: RunConfig, model: str, out: Path, fresh: bool, teacher: str | None = None) -> dict:
+def _finetune(cfg: RunConfig, model: str, out: Path, teacher: str | None = None, fresh: bool = True) -> dict:
     from gradpruner.finetuning.finetune import FinetuneConfig, finetune
 
     names = {f.name for f in fields(FinetuneConfig)}
@@ -285,6 +300,22 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
                 "latency": latency(m)})
     write_json(out, res)
     return {"metric": res["metric"], "value": res["value"], "n": res["n"]}
+
+
+def needed_stages(reads: dict[str, tuple[str, ...]], finished) -> set[str]:
+    """The stages a run must run (or find up to date): every final stage (one nothing reads) that is
+    not finished, and what they read, transitively. A finished final stage needs nothing, so a run whose
+    evaluations are recorded does not rebuild the models they evaluated (results are kept without
+    their checkpoints)."""
+    read_by = {s for inputs in reads.values() for s in inputs}
+    todo = [s for s in reads if s not in read_by and not finished(s)]
+    needed: set[str] = set()
+    while todo:
+        s = todo.pop()
+        if s not in needed:
+            needed.add(s)
+            todo.extend(reads.get(s, ()))
+    return needed
 
 
 def score_stage(r: Run) -> Path:
@@ -342,30 +373,41 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
     with atomic_file(d / "config.yaml") as fh:
         fh.write(dump_config(cfg))
     echo(f"run folder {d}")
-    if cfg.finetune.dense_baseline:
-        dense_stage(r)
-    score_stage(r)
-    r.stage("plan", ["plan.json"], _plan, cfg, at("score", "scores/scores.json"), at("plan", "plan.json"))
-    r.stage("prune", ["pruned"], _prune, cfg, at("plan", "plan.json"), at("prune", "pruned"))
-    pruned = at("prune", "pruned")
-    if cfg.heal.rule != "none":  # the healed model takes the pruned one's place downstream
-        r.stage("heal", ["healed"], _heal, cfg, at("plan", "plan.json"), pruned, at("heal", "healed"))
-        pruned = at("heal", "healed")
+    pruned_stage = "heal" if cfg.heal.rule != "none" else "prune"  # the healed model takes the pruned one's place
+    pruned = at(pruned_stage, "healed" if pruned_stage == "heal" else "pruned")
     teacher = {"dense_ft": str(at("dense_ft", "dense_ft")), "dense": cfg.model}.get(cfg.finetune.distill)
-    r.stage("pruned_ft", ["pruned_ft", "pruned_ft_finetune.json"], _finetune, cfg, str(pruned),
-            at("pruned_ft", "pruned_ft"), teacher=teacher)
     models = {"dense_zero_shot": cfg.model if cfg.eval.zero_shot_dense else None,
               "dense_ft": str(at("dense_ft", "dense_ft")) if cfg.finetune.dense_baseline else None,
               "pruned": str(pruned) if cfg.eval.pruned_no_finetune else None,
               "pruned_ft": str(at("pruned_ft", "pruned_ft"))}
+    # (stage, outputs, function, arguments, stages it reads), in the order they run
+    steps = [("dense_ft", ["dense_ft", "dense_ft_finetune.json"], _finetune, (cfg, cfg.model, at("dense_ft", "dense_ft")), ())
+             ] if cfg.finetune.dense_baseline else []
+    steps += [("score", ["scores"], _score, (cfg, at("score", "scores")), ()),
+              ("plan", ["plan.json"], _plan, (cfg, at("score", "scores/scores.json"), at("plan", "plan.json")), ("score",)),
+              ("prune", ["pruned"], _prune, (cfg, at("plan", "plan.json"), at("prune", "pruned")), ("plan",))]
+    if pruned_stage == "heal":
+        steps.append(("heal", ["healed"], _heal, (cfg, at("plan", "plan.json"), at("prune", "pruned"), pruned),
+                      ("plan", "prune")))
+    steps.append(("pruned_ft", ["pruned_ft", "pruned_ft_finetune.json"], _finetune,
+                  (cfg, str(pruned), at("pruned_ft", "pruned_ft"), teacher),
+                  (pruned_stage,) + (("dense_ft",) if cfg.finetune.distill == "dense_ft" else ())))
+    reads = {"dense_zero_shot": (), "dense_ft": ("dense_ft",), "pruned": (pruned_stage,), "pruned_ft": ("pruned_ft",)}
     for name, model in models.items():
         if model is not None:
             rel = f"eval/{name}.json"
-            r.stage(f"eval_{name}", [rel], _evaluate, cfg, model, at(f"eval_{name}", rel))
+            steps.append((f"eval_{name}", [rel], _evaluate, (cfg, model, at(f"eval_{name}", rel)), reads[name]))
+    needed = needed_stages({s: i for s, _, _, _, i in steps}, lambda s: r.finished(s, next(x[1] for x in steps if x[0] == s)))
+    for stage, rels, fn, args, _ in steps:
+        if stage in needed:
+            r.stage(stage, rels, fn, *args)
+        else:
+            r.show(stage, rels)
     labels = {"pruned_ft": "this model (pruned, fine-tuned)", "pruned": "pruned, before fine-tuning",
               "dense_ft": "dense, fine-tuned alike", "dense_zero_shot": "dense, before fine-tuning"}
-    add_results(at("pruned_ft", "pruned_ft"), {labels[n]: read_json(at(f"eval_{n}", f"eval/{n}.json"), "Evaluation")
-                                               for n, m in models.items() if m is not None})
+    if at("pruned_ft", "pruned_ft").is_dir():  # absent when only its evaluation was kept (results without checkpoints)
+        add_results(at("pruned_ft", "pruned_ft"), {labels[n]: read_json(at(f"eval_{n}", f"eval/{n}.json"), "Evaluation")
+                                                   for n, m in models.items() if m is not None})
     report = write_report(d)
     echo(f"report: {report} (and {report.with_suffix('.html').name})")
     return report
