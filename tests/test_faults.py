@@ -25,6 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gradpruner import api
+from gradpruner.api import healing as api_healing
+from gradpruner.api import planning as api_planning
+from gradpruner.api import pruning as api_pruning
+from gradpruner.api import scoring as api_scoring
 from gradpruner.cli import main
 from gradpruner.errors import GradPrunerError
 from gradpruner.finetuning import finetune as ft
@@ -73,7 +77,7 @@ def no_loading(monkeypatch):
     def refuse(*a, **k):
         pytest.fail("the model was loaded before the inputs were checked")
 
-    for module in (api, ft):
+    for module in (api_scoring, api_planning, api_pruning, api_healing, ft):
         monkeypatch.setattr(module, "load_model", refuse)
     monkeypatch.setattr("gradpruner.models.loading.load_model", refuse)
 
@@ -145,7 +149,7 @@ def pause(tag):
     marker.write_text(tag)
     time.sleep(600)
 
-import gradpruner.api as api
+import gradpruner.api.pruning as api
 import gradpruner.util.atomic as atomic
 if phase == "load":  # before anything is written
     real_load = api.load_model
@@ -464,7 +468,7 @@ def test_scoring_stops_at_the_first_non_finite_step(capsys, tiny_llama, qa_file,
     out = tmp_path / "s"
     out.mkdir()
     (out / "scores.json").write_text('{"earlier": true}')  # a previous result stays as it was
-    _poison(monkeypatch, api, what, 3)
+    _poison(monkeypatch, api_scoring, what, 3)
     problems = fails(capsys, "score", "--model", tiny_llama, "--data", qa_file, "--steps", "5", "--batch-size", "4",
                      "--out", out, "--overwrite")
     assert len(problems) == 1 and re.search(needle, problems[0]) and "--lr" in problems[0], problems
@@ -685,7 +689,7 @@ def test_any_plan_file_is_refused_in_words_or_reaches_the_model(tiny_llama, tmp_
     def reached(*a, **k):
         raise Reached
 
-    monkeypatch.setattr(api, "load_model", reached)
+    monkeypatch.setattr(api_pruning, "load_model", reached)
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     try:
