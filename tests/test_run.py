@@ -71,6 +71,7 @@ def test_needed_stages_follow_unfinished_evaluations_upstream():
     assert needed_stages(reads, lambda s: s != "eval_pruned") == {"eval_pruned", "prune", "plan", "score"}
     assert needed_stages(reads, lambda s: s != "eval_pruned_ft") == {"eval_pruned_ft", "pruned_ft", "prune", "plan",
                                                                      "score", "dense_ft"}
+    assert needed_stages(reads, lambda s: True, ("prune",)) == {"prune", "plan", "score"}  # asked for its output
 
 
 def test_results_without_checkpoints_are_not_recomputed(tiny_llama, tmp_path, one_thread):

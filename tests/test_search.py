@@ -1,6 +1,7 @@
 """`gradpruner search` on a tiny model: the curve, the binary search, the store, the answer, bad input."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -25,7 +26,11 @@ def _config(tmp_path, model, **search) -> str:
     return str(path)
 
 
-def test_search_end_to_end_then_everything_reused(tiny_llama, tmp_path):
+def test_search_end_to_end_then_everything_reused(tiny_llama, tmp_path, monkeypatch):
+    import gradpruner.evaluation.evaluate as ev
+
+    calls, real = [], ev.evaluate
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
     log: list[str] = []
     res = search(load_config(_config(tmp_path, tiny_llama)), echo=log.append, isolate=False)
     out = tmp_path / "search"
@@ -35,6 +40,10 @@ def test_search_end_to_end_then_everything_reused(tiny_llama, tmp_path):
     assert res["slice"] == {"offset": 569 - 40, "limit": 40, "n_heldout": 569}
     tuned = res["finetuned"]
     assert 1 <= len(tuned) <= 2 and res["dense_ft"]["n"] == 40
+    # the slice is evaluated once per point: dense + 3 before fine-tuning, dense fine-tuned + each probe
+    assert len(calls) == 1 + 3 + 1 + len(tuned)
+    for p in tuned:  # a probe's value is its run's own evaluation of the slice
+        assert p["value"] == json.loads(Path(p["run"], "eval", "pruned_ft.json").read_text())["value"]
     first_k = max([p["k"] for p in res["before_finetune"] if p["within"]], default=1)
     assert tuned[0]["k"] == first_k  # the first probe is the largest k within tolerance before fine-tuning
     for p in tuned:  # a drop is the dense fine-tuned model's accuracy minus the point's, on the same 40 items

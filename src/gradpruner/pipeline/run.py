@@ -302,13 +302,13 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     return {"metric": res["metric"], "value": res["value"], "n": res["n"]}
 
 
-def needed_stages(reads: dict[str, tuple[str, ...]], finished) -> set[str]:
+def needed_stages(reads: dict[str, tuple[str, ...]], finished, need: tuple[str, ...] = ()) -> set[str]:
     """The stages a run must run (or find up to date): every final stage (one nothing reads) that is
-    not finished, and what they read, transitively. A finished final stage needs nothing, so a run whose
+    not finished, the stages in ``need``, and what they read, transitively. A finished final stage needs nothing, so a run whose
     evaluations are recorded does not rebuild the models they evaluated (results are kept without
     their checkpoints)."""
     read_by = {s for inputs in reads.values() for s in inputs}
-    todo = [s for s in reads if s not in read_by and not finished(s)]
+    todo = [s for s in reads if s not in read_by and not finished(s)] + [s for s in need if s in reads]
     needed: set[str] = set()
     while todo:
         s = todo.pop()
@@ -328,6 +328,13 @@ def dense_stage(r: Run) -> Path:
     """Run (or reuse) the dense fine-tune of ``r``; the path of the fine-tuned model."""
     r.stage("dense_ft", ["dense_ft", "dense_ft_finetune.json"], _finetune, r.cfg, r.cfg.model, r.place("dense_ft", "dense_ft"))
     return r.place("dense_ft", "dense_ft")
+
+
+def eval_stage(r: Run, name: str, model: str) -> Path:
+    """Run (or reuse) the evaluation ``eval_<name>`` of ``model``; the path of its result file."""
+    rel = f"eval/{name}.json"
+    r.stage(f"eval_{name}", [rel], _evaluate, r.cfg, model, r.place(f"eval_{name}", rel))
+    return r.place(f"eval_{name}", rel)
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -354,9 +361,10 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | None = None,
-        reuse: list[str | Path] = (), checked: bool = False) -> Path:
-    """Run every stage that is not up to date; return the report path. ``checked``: the caller has
-    already run ``preflight(cfg)`` (``compare`` checks each distinct model and data source once).
+        reuse: list[str | Path] = (), checked: bool = False, need: tuple[str, ...] = ()) -> Path:
+    """Run every stage that is not up to date and that an unfinished evaluation (or a stage named in
+    ``need``) reads; return the report path. ``checked``: the caller has already run
+    ``preflight(cfg)`` (``compare`` checks each distinct model and data source once).
 
     With ``isolate`` (the default) each stage runs in its own process, so the peak memory recorded
     for a stage is that stage's alone and memory does not accumulate across stages. With ``store``
@@ -397,7 +405,8 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
         if model is not None:
             rel = f"eval/{name}.json"
             steps.append((f"eval_{name}", [rel], _evaluate, (cfg, model, at(f"eval_{name}", rel)), reads[name]))
-    needed = needed_stages({s: i for s, _, _, _, i in steps}, lambda s: r.finished(s, next(x[1] for x in steps if x[0] == s)))
+    needed = needed_stages({s: i for s, _, _, _, i in steps}, lambda s: r.finished(s, next(x[1] for x in steps if x[0] == s)),
+                           need)
     for stage, rels, fn, args, _ in steps:
         if stage in needed:
             r.stage(stage, rels, fn, *args)

@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 from gradpruner.errors import Collect, GradPrunerError
 from gradpruner.evaluation.stats import paired_bootstrap, paired_scores
 from gradpruner.pipeline.config import BUDGETS, RunConfig
-from gradpruner.pipeline.run import Run, dense_stage, preflight, run, score_stage
+from gradpruner.pipeline.run import (
+    Run,
+    dense_stage,
+    eval_stage,
+    preflight,
+    run,
+    score_stage,
+)
 from gradpruner.report.search_report import write_search_outputs
 from gradpruner.util.atomic import read_json, write_json
 
@@ -210,11 +217,12 @@ class Search:
             self.echo(f"  ✓ k = {k} fine-tuned: reused ({rec.name})")
             return read_json(rec, "Search point")
         if k == 0:
-            dense_stage(r)
-        else:
-            run(cfg, self.echo, self.isolate, self.store, checked=True)
-        point = self._measure_folder(r.place(stage, stage))
-        spent = ["score", "plan", "prune", "heal", "pruned_ft", "eval_pruned_ft"] if k else ["dense_ft"]
+            evaluation = eval_stage(r, "dense_ft", str(dense_stage(r)))
+        else:  # the checkpoint too, for the loss, even where the run has its evaluation already
+            run(cfg, self.echo, self.isolate, self.store, checked=True, need=("pruned_ft",))
+            evaluation = r.place("eval_pruned_ft", "eval/pruned_ft.json")
+        point = self._measure_folder(r.place(stage, stage), read_json(evaluation, "Evaluation"))
+        spent = ["score", "plan", "prune", "heal", "pruned_ft", "eval_pruned_ft"] if k else ["dense_ft", "eval_dense_ft"]
         point["seconds"] = round(point["seconds"] + sum(
             read_json(r.record(st), "Stage record")["usage"]["seconds"] for st in spent if st in r.keys and r.record(st).is_file()), 1)
         if k:
@@ -224,18 +232,22 @@ class Search:
         write_json(rec, point)
         return point
 
-    def _measure_folder(self, folder: Path) -> dict:
+    def _measure_folder(self, folder: Path, evaluation: dict) -> dict:
+        """A fine-tuned point: the run's own evaluation of the slice, and the held-out loss measured here."""
         import time
 
-        from gradpruner.measure.costs import latency, param_counts
+        from gradpruner.data.examples import tokenize
+        from gradpruner.evaluation.evaluate import heldout_loss
         from gradpruner.models.loading import load_model, load_tokenizer
 
         t0 = time.perf_counter()
         model, tok = load_model(folder), load_tokenizer(folder)
-        point = {**self._measure(model, tok), "params": param_counts(model)["total"], "latency": latency(model)}
+        feats = tokenize(self.examples[self.offset:], tok, self.cfg.finetune.max_length)
+        point = {k: evaluation.get(k) for k in ("task", "metric", "higher_is_better", "value", "n", "item_scores")}
+        point.update(loss=heldout_loss(model, tok, feats, self.cfg.eval.batch_size),
+                     params=evaluation["params"]["total"], latency=evaluation["latency"])
         point["seconds"] = round(time.perf_counter() - t0, 1)
         return point
-
 
 
 # --------------------------------------------------------------------- judging and the binary search
