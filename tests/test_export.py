@@ -9,6 +9,7 @@ The bounds below leave 2.5-3× headroom.
 """
 import itertools
 import json
+import math
 import re
 
 import gguf
@@ -299,6 +300,49 @@ def test_sliding_window_qwen_is_refused(tmp_path):
     byte_bpe(tmp_path / "m", "qwen2")
     with pytest.raises(GradPrunerError, match="full attention on every layer.*layers 4, 5, 6, 7 use sliding-window"):
         export_gguf(tmp_path / "m", tmp_path / "x.gguf")
+
+
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256}
+
+
+def _with_llama3_rope(config, theta: float = 500000.0):
+    """Llama 3.1's rotary scaling, in either transformers' config spelling."""
+    if hasattr(config, "rope_parameters"):
+        config.rope_parameters = {**LLAMA31_ROPE, "rope_theta": theta}
+    else:
+        config.rope_scaling, config.rope_theta = dict(LLAMA31_ROPE), theta
+    return config
+
+
+def test_llama31_rotary_scaling_is_written_as_llama_cpps_rope_freqs(tmp_path):
+    config = _with_llama3_rope(TINY_CONFIGS["llama"](8))
+    config.vocab_size = VOCAB
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "m"))
+    byte_bpe(tmp_path / "m")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16")
+    _, reader = _fields(tmp_path / "m.gguf")
+    tensors = {t.name: t for t in reader.tensors}
+    got = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float64)
+    # Meta's Llama 3.1 rule, by hand: head_dim 16, theta 5e5, 8 frequencies; a wavelength below
+    # 256 / 4 = 64 positions keeps its frequency, above 256 / 1 is divided by 8, in between smoothly.
+    wavelengths = [2 * math.pi * 500000.0 ** (2 * i / 16) for i in range(8)]  # 6.3, 32.4, 167, 861, ...
+    assert [round(w, 1) for w in wavelengths[:3]] == [6.3, 32.4, 167.1]
+    smooth = (256 / wavelengths[2] - 1) / (4 - 1)
+    want = [1.0, 1.0, 1 / ((1 - smooth) / 8 + smooth)] + [8.0] * 5
+    assert tensors["rope_freqs.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert abs(want[2] - 3.5685) < 1e-3
+
+
+def test_llama3_rotary_scaling_outside_llama_is_refused(tmp_path):
+    config = _with_llama3_rope(TINY_CONFIGS["qwen2"](8))
+    config.use_sliding_window, config.layer_types = False, ["full_attention"] * 8
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(tmp_path / "m"))
+    byte_bpe(tmp_path / "m", "qwen2")
+    with pytest.raises(GradPrunerError, match="Rotary scaling 'llama3' is not supported .* for qwen2"):
+        export_gguf(tmp_path / "m", tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 # --- bad input: one clear error each, exit 2, nothing written ----------------------------------------

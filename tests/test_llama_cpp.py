@@ -67,3 +67,28 @@ def test_llama_cpp_continues_like_transformers(pruned, kind):
     tokenized, cpp = _llama_cpp(gguf, [p for p, _ in hf])
     assert tokenized == [p for p, _ in hf]  # llama.cpp's tokenizer splits the prompts as transformers does
     assert cpp == [g for _, g in hf]
+
+
+def test_llama31_rotary_scaling_runs_in_llama_cpp_as_in_transformers(pruned, tmp_path):
+    """Llama 3.1's rotary scaling (the paper's Llama-3.1-8B has it) reaches llama.cpp: the pruned SmolLM2
+    given that scaling, with an original context of 16 positions so that most frequencies are divided."""
+    import json
+    import shutil
+
+    plain = pruned / "pruned"
+    folder = tmp_path / "scaled"
+    shutil.copytree(plain, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+    if "rope_parameters" in cfg:
+        cfg["rope_parameters"] = {**scaling, "rope_theta": cfg["rope_parameters"]["rope_theta"]}
+    else:
+        cfg["rope_scaling"] = scaling
+    (folder / "config.json").write_text(json.dumps(cfg))
+    hf = _transformers(folder)
+    assert [g for _, g in hf] != [g for _, g in _transformers(plain)]  # the scaling changes what the model says
+    gguf = tmp_path / "scaled-f32.gguf"
+    FORMATS["gguf"](folder, gguf, "f32")
+    _, cpp = _llama_cpp(gguf, [p for p, _ in hf])
+    assert cpp == [g for _, g in hf]

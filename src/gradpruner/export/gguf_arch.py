@@ -107,9 +107,10 @@ def problems(arch: Arch, config) -> list[str]:
     layout = _layout_problem(arch, layer_types(config), llama_cpp_layer_types(arch, config))
     out = [layout] if layout else []
     full = rope(config, FULL)
-    if full["rope_type"] not in ("default", "linear"):
-        out.append(f"Rotary scaling {full['rope_type']!r} is not supported by gradpruner's GGUF export "
-                   "(only none and linear are); convert this model with llama.cpp's own converter.")
+    known = ("default", "linear", "llama3") if arch.gguf_arch == gguf.MODEL_ARCH.LLAMA else ("default", "linear")
+    if full["rope_type"] not in known:
+        out.append(f"Rotary scaling {full['rope_type']!r} is not supported by gradpruner's GGUF export for "
+                   f"{arch.name} (only {', '.join(known)}); convert this model with llama.cpp's own converter.")
     if arch.swa_period is not None:
         out += _gemma3_problems(config)
     return out
@@ -168,6 +169,21 @@ def _write_gemma3(writer: gguf.GGUFWriter, config) -> None:
     writer.add_array(f"{writer.arch}.attention.sliding_window_pattern", [t == SLIDING for t in layer_types(config)])
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def rope_factors(config) -> np.ndarray | None:
+    """Llama 3.1's rotary scaling as llama.cpp reads it, the tensor ``rope_freqs`` (each frequency's
+    divisor: the plain inverse frequency over the scaled one that transformers computes), or None when
+    the model has no such scaling."""
+    if rope(config, FULL)["rope_type"] != "llama3":
+        return None
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    dim, base = head_dim(config), float(rope(config, FULL)["rope_theta"])
+    plain = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    scaled = LlamaRotaryEmbedding(config).inv_freq.double()
+    return (plain / scaled).float().numpy()
 
 
 def rotary_rows(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -26,6 +26,7 @@ from gradpruner.export.gguf_arch import (
     convert_values,
     layer_types,
     problems,
+    rope_factors,
     write_hparams,
 )
 from gradpruner.export.gguf_vocab import Vocab, read_vocab, write_vocab
@@ -46,6 +47,7 @@ class Planned:
     name: str  # llama.cpp's tensor name
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
+    values: np.ndarray | None = field(default=None, compare=False)  # a tensor computed here, not read
 
     def add_info(self, writer: gguf.GGUFWriter) -> None:
         """Declare the tensor (name, shape, type, size) before any data is written."""
@@ -138,7 +140,12 @@ def plan_tensors(folder: Path, arch: Arch, config, fmt: str) -> list[Planned]:
         m = _BLOCK.match(p.name)
         return (1, int(m.group(1)), p.name) if m else (0 if p.name.startswith("token_embd") else 2, 0, p.name)
 
-    return sorted(planned, key=order)
+    planned = sorted(planned, key=order)
+    factors = rope_factors(config)
+    if factors is not None:  # llama.cpp's converter puts it first
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        planned.insert(0, Planned("", folder, name, tuple(factors.shape), Q.F32, factors))
+    return planned
 
 
 def _kept_layers(folder: Path, n: int) -> tuple[list[int], int] | None:
@@ -166,6 +173,8 @@ def _write_metadata(writer: gguf.GGUFWriter, folder: Path, arch: Arch, config, v
 
 
 def _values(p: Planned, handle, arch: Arch, config) -> np.ndarray:
+    if p.values is not None:
+        return np.ascontiguousarray(p.values, dtype=np.float32)
     w = handle.get_tensor(p.source).float().numpy()
     w = np.ascontiguousarray(convert_values(arch, config, p.name, w), dtype=np.float32)
     return gguf.quants.quantize(w, p.qtype)
@@ -178,9 +187,9 @@ def _write_tensors(writer: gguf.GGUFWriter, planned: list[Planned], arch: Arch, 
     handles: dict[Path, object] = {}
     try:
         for p in tqdm(planned, desc="writing GGUF", unit="tensor"):
-            if p.file not in handles:
+            if p.values is None and p.file not in handles:
                 handles[p.file] = safe_open(str(p.file), "pt")
-            writer.write_tensor_data(_values(p, handles[p.file], arch, config))
+            writer.write_tensor_data(_values(p, handles.get(p.file), arch, config))
     except SafetensorError as exc:
         raise GradPrunerError(f"Could not read the weights of {planned[0].file.parent} ({exc}); the checkpoint is corrupt, "
                               "save it again.") from None
