@@ -355,7 +355,10 @@ def write_table(out: Path, cells: list[tuple[dict, RunConfig]], reference: str |
         tmp.write(buf.getvalue())
     blocks = [("h1", f"Comparison: {out}"),
               ("p", "Accuracy (the task's metric) after fine-tuning the pruned model; every cell ran with the same data, "
-                    "fine-tuning budget and held-out items. Cells not finished show –.")]
+                    "fine-tuning budget and held-out items. Cells not finished show –. latency_ratio: the pruned model's "
+                    "prefill time for one 128-token prompt over the dense model's, each timed during its own "
+                    "evaluation, so on a busy machine it moves with the load (`gradpruner bench` times both side by "
+                    "side).")]
     others = [a for a in axes if a != "task"]
     if others:
         shown = reference if ref_axis is not None else None
