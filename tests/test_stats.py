@@ -7,6 +7,7 @@ import pytest
 from gradpruner.errors import GradPrunerError
 from gradpruner.evaluation.stats import (
     paired_bootstrap,
+    paired_bootstrap_tasks,
     paired_scores,
     proportion_interval,
 )
@@ -103,3 +104,28 @@ def test_paired_scores_align_by_item_id_and_say_why_not():
         paired_scores(a, _result([0, 1, 2], [1.0, 0.0, 1.0], task="piqa"))
     with pytest.raises(GradPrunerError, match="pooled"):
         paired_scores(a, {"task": "jsonl", "metric": "loss", "value": 2.0})
+
+
+def test_task_average_weighs_every_task_the_same():
+    # task 1: 2 items, the first better by 1 (mean +0.5); task 2: 4 items, no difference (mean 0)
+    one, two = ([1.0, 0.0], [0.0, 0.0]), ([1.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0])
+    mean, low, high = paired_bootstrap_tasks([one, two])
+    assert mean == pytest.approx(0.25)  # (0.5 + 0) / 2, not the item-weighted 1 / 6
+    # task 1's resampled mean is 0, 0.5 or 1 (each pair of draws), task 2's always 0: halves of those
+    assert 0.0 <= low <= 0.25 <= high <= 0.5
+    # a difference that is the same on every item of a task leaves no uncertainty
+    assert paired_bootstrap_tasks([([1.0] * 3, [0.0] * 3), ([0.0] * 5, [0.0] * 5)]) == (0.5, 0.5, 0.5)
+    assert paired_bootstrap_tasks([one])[0] == pytest.approx(0.5)  # one task: its own mean difference
+    with pytest.raises(GradPrunerError, match="equally long"):
+        paired_bootstrap_tasks([([1.0], [1.0, 0.0])])
+
+
+def test_task_average_interval_is_as_wide_as_its_tasks_allow():
+    """Two independent tasks of 400 Bernoulli(0.5) differences: the average's sd is half the root of the
+    sum of the two tasks' variances of the mean, so its 95% interval is about 2·1.96·sqrt(2·v/400)/2 wide."""
+    rng = np.random.default_rng(5)
+    pairs = [(rng.integers(0, 2, 400).astype(float), rng.integers(0, 2, 400).astype(float)) for _ in range(2)]
+    mean, low, high = paired_bootstrap_tasks(pairs)
+    v = [np.var(a - b) for a, b in pairs]
+    want = 2 * 1.96 * math.sqrt(sum(x / 400 for x in v)) / 2
+    assert high - low == pytest.approx(want, rel=0.1)

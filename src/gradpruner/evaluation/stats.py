@@ -41,6 +41,33 @@ def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0, level: float = 0.
     return float(d.mean()), float(low), float(high)
 
 
+def paired_bootstrap_tasks(pairs, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean over tasks of each task's mean a − b, low, high): ``pairs`` holds one (a, b) of per-item
+    scores per task; every resample draws each task's items with replacement from that task alone, so
+    each task weighs the same however many items it has (the average a table shows beside the tasks)."""
+    if not pairs:
+        raise GradPrunerError("paired_bootstrap_tasks needs at least one task's per-item scores.")
+    diffs = []
+    for a, b in pairs:
+        d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+        if d.ndim != 1 or np.shape(a) != np.shape(b) or d.size == 0:
+            raise GradPrunerError(f"paired_bootstrap_tasks needs two equally long, non-empty lists of per-item "
+                                  f"scores per task (got {np.shape(a)} and {np.shape(b)}).")
+        diffs.append(d)
+    if not 0 < level < 1 or n_boot < 1:
+        raise GradPrunerError(f"paired_bootstrap_tasks needs 0 < level < 1 and n_boot ≥ 1 (got {level}, {n_boot}).")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(n_boot)
+    for d in diffs:
+        chunk = max(1, 2_000_000 // d.size)
+        for start in range(0, n_boot, chunk):
+            size = min(chunk, n_boot - start)
+            means[start:start + size] += d[rng.integers(0, d.size, size=(size, d.size))].mean(axis=1) / len(diffs)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(np.mean([d.mean() for d in diffs])), float(low), float(high)
+
+
 def proportion_interval(p: float, n: int, level: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval (low, high) of a proportion ``p`` observed on ``n`` items."""
     if n < 1 or not 0 <= p <= 1:

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from gradpruner.errors import Collect, GradPrunerError
-from gradpruner.evaluation.stats import paired_bootstrap, paired_scores
+from gradpruner.evaluation.stats import paired_bootstrap, paired_bootstrap_tasks, paired_scores
 from gradpruner.pipeline.config import RunConfig, config_from_dict, read_yaml_mapping
 from gradpruner.report.pages import write_page
 from gradpruner.util.atomic import atomic_file, write_json
@@ -280,8 +280,8 @@ def _pruned_ft_eval(cfg: RunConfig) -> dict | None:
 
 def _add_deltas(rows: list[dict], cells: list[tuple[dict, RunConfig]], reference: str | None) -> str | None:
     """Add to every row its pruned+FT difference to the reference cell (the same labels but the
-    reference's on its axis), paired over the same items with a bootstrap 95% interval, and the same over
-    all tasks' items concatenated (``_avg``); ``delta_vs_reference_note`` says why one is missing.
+    reference's on its axis), paired over the same items with a bootstrap 95% interval, and the same for the
+    mean over tasks, each task resampled within itself (``_avg``); ``delta_vs_reference_note`` says why one is missing.
     Returns the reference's axis, or None (no axis has the label: the rows stay as they were)."""
     axis = next((a for a in (list(cells[0][0]) if cells else []) if a != "task"
                  and any(labels[a] == reference for labels, _ in cells)), None)
@@ -305,8 +305,7 @@ def _add_deltas(rows: list[dict], cells: list[tuple[dict, RunConfig]], reference
     for members in groups.values():
         got = {rows[i]["task"]: pairs[i] for i in members}
         missing = next((p for p in (got.get(t, UNFINISHED) for t in tasks) if isinstance(p, str)), None)
-        avg = (paired_bootstrap([x for t in tasks for x in got[t][0]], [x for t in tasks for x in got[t][1]])
-               if missing is None else (None, None, None))
+        avg = paired_bootstrap_tasks([got[t] for t in tasks]) if missing is None else (None, None, None)
         for i in members:
             mean = paired_bootstrap(*pairs[i]) if not isinstance(pairs[i], str) else (None, None, None)
             rows[i].update({"reference": reference, **dict(zip(DELTA_COLS[1:], (*mean, *avg))),
@@ -319,7 +318,8 @@ def _delta_notes(rows: list[dict], axes: list[str], reference: str, axis: str) -
     parts = [(f"Δ vs {reference}: the pruned and fine-tuned model's metric minus that of the cell with "
               f"{axis}={reference} and the same other labels, on the same held-out items, with a paired bootstrap "
               "95% interval (10,000 resamples of the items). A difference is resolved only when its interval "
-              "excludes 0. The avg column pairs the items of all tasks together (a mean weighted by items)."), ""]
+              "excludes 0. The avg column is the mean of the tasks' differences (each task weighs the same, as in the avg "
+              "of the accuracies), its interval resampling every task's items within that task."), ""]
     why: dict[str, list[str]] = {}
     for r in rows:
         if r.get("delta_vs_reference_note"):
