@@ -168,17 +168,23 @@ class Search:
         return point
 
     def _measure(self, model, tok) -> dict:
-        from gradpruner.data.examples import tokenize
-        from gradpruner.evaluation.evaluate import evaluate, heldout_loss
+        from gradpruner.evaluation.evaluate import evaluate
 
         cfg = self.cfg
         res = evaluate(model, tok, task=cfg.task, data=cfg.eval_data, data_dir=cfg.data_dir, offset=self.offset,
                        limit=self.s.val_items, batch_size=cfg.eval.batch_size, metric=cfg.eval.metric,
                        item_scores=True, progress=False)
-        feats = tokenize(self.examples[self.offset:], tok, cfg.finetune.max_length)
         return {"task": res["task"], "metric": res["metric"], "higher_is_better": res["higher_is_better"],
                 "value": res["value"], "n": res["n"], "item_scores": res.get("item_scores"),
-                "loss": heldout_loss(model, tok, feats, cfg.eval.batch_size)}
+                "loss": self._loss(model, tok)}
+
+    def _loss(self, model, tok) -> float:
+        """The completion loss on the validation slice's examples."""
+        from gradpruner.data.examples import tokenize
+        from gradpruner.evaluation.evaluate import heldout_loss
+
+        feats = tokenize(self.examples[self.offset:], tok, self.cfg.finetune.max_length)
+        return heldout_loss(model, tok, feats, self.cfg.eval.batch_size)
 
     @property
     def top(self) -> int:
@@ -236,15 +242,12 @@ class Search:
         """A fine-tuned point: the run's own evaluation of the slice, and the held-out loss measured here."""
         import time
 
-        from gradpruner.data.examples import tokenize
-        from gradpruner.evaluation.evaluate import heldout_loss
         from gradpruner.models.loading import load_model, load_tokenizer
 
         t0 = time.perf_counter()
         model, tok = load_model(folder), load_tokenizer(folder)
-        feats = tokenize(self.examples[self.offset:], tok, self.cfg.finetune.max_length)
         point = {k: evaluation.get(k) for k in ("task", "metric", "higher_is_better", "value", "n", "item_scores")}
-        point.update(loss=heldout_loss(model, tok, feats, self.cfg.eval.batch_size),
+        point.update(loss=self._loss(model, tok),
                      params=evaluation["params"]["total"], latency=evaluation["latency"])
         point["seconds"] = round(time.perf_counter() - t0, 1)
         return point
