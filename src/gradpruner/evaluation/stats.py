@@ -24,21 +24,35 @@ def paired_bootstrap(a, b, n_boot: int = 10000, seed: int = 0, level: float = 0.
     difference, resampling item indices with replacement ``n_boot`` times (numpy generator ``seed``).
 
     ``a`` and ``b`` are the per-item scores of two methods on the same items, in the same order."""
+    d = _differences(a, b, "paired_bootstrap")
+    _check_level(level, n_boot, "paired_bootstrap")
+    means = _resampled_means(d, n_boot, np.random.default_rng(seed))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(d.mean()), float(low), float(high)
+
+
+def _differences(a, b, who: str) -> np.ndarray:
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if d.ndim != 1 or np.shape(a) != np.shape(b) or d.size == 0:
-        raise GradPrunerError(f"paired_bootstrap needs two equally long, non-empty lists of per-item scores "
+        raise GradPrunerError(f"{who} needs two equally long, non-empty lists of per-item scores "
                               f"(got {np.shape(a)} and {np.shape(b)}).")
+    return d
+
+
+def _check_level(level: float, n_boot: int, who: str) -> None:
     if not 0 < level < 1 or n_boot < 1:
-        raise GradPrunerError(f"paired_bootstrap needs 0 < level < 1 and n_boot ≥ 1 (got {level}, {n_boot}).")
-    rng = np.random.default_rng(seed)
+        raise GradPrunerError(f"{who} needs 0 < level < 1 and n_boot ≥ 1 (got {level}, {n_boot}).")
+
+
+def _resampled_means(d: np.ndarray, n_boot: int, rng) -> np.ndarray:
+    """The mean of ``d`` over ``n_boot`` resamples of its items with replacement."""
     n, means = d.size, np.empty(n_boot)
     chunk = max(1, 2_000_000 // n)  # resample in blocks: at most ~16 MB of indices at a time
     for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
         means[start:start + size] = d[rng.integers(0, n, size=(size, n))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(d.mean()), float(low), float(high)
+    return means
 
 
 def paired_bootstrap_tasks(pairs, n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
@@ -47,22 +61,10 @@ def paired_bootstrap_tasks(pairs, n_boot: int = 10000, seed: int = 0, level: flo
     each task weighs the same however many items it has (the average a table shows beside the tasks)."""
     if not pairs:
         raise GradPrunerError("paired_bootstrap_tasks needs at least one task's per-item scores.")
-    diffs = []
-    for a, b in pairs:
-        d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-        if d.ndim != 1 or np.shape(a) != np.shape(b) or d.size == 0:
-            raise GradPrunerError(f"paired_bootstrap_tasks needs two equally long, non-empty lists of per-item "
-                                  f"scores per task (got {np.shape(a)} and {np.shape(b)}).")
-        diffs.append(d)
-    if not 0 < level < 1 or n_boot < 1:
-        raise GradPrunerError(f"paired_bootstrap_tasks needs 0 < level < 1 and n_boot ≥ 1 (got {level}, {n_boot}).")
+    diffs = [_differences(a, b, "paired_bootstrap_tasks") for a, b in pairs]
+    _check_level(level, n_boot, "paired_bootstrap_tasks")
     rng = np.random.default_rng(seed)
-    means = np.zeros(n_boot)
-    for d in diffs:
-        chunk = max(1, 2_000_000 // d.size)
-        for start in range(0, n_boot, chunk):
-            size = min(chunk, n_boot - start)
-            means[start:start + size] += d[rng.integers(0, d.size, size=(size, d.size))].mean(axis=1) / len(diffs)
+    means = sum(_resampled_means(d, n_boot, rng) for d in diffs) / len(diffs)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(np.mean([d.mean() for d in diffs])), float(low), float(high)

@@ -169,12 +169,7 @@ class Run:
 
     def show(self, stage: str, rels: list[str]) -> None:
         """A stage nothing needs now: show its record (and whatever outputs exist) in the run folder."""
-        rec = self.record(stage)
-        try:
-            same = json.loads(rec.read_text()).get("key") == self.keys[stage]
-        except (OSError, json.JSONDecodeError):
-            same = False
-        if same:
+        if self.done(stage, []):  # recorded with this key, whether or not its outputs are here
             self._link(stage, rels)
         self.echo(f"  ✓ {stage}: not needed, every stage reading it is done")
 
@@ -405,8 +400,8 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
         if model is not None:
             rel = f"eval/{name}.json"
             steps.append((f"eval_{name}", [rel], _evaluate, (cfg, model, at(f"eval_{name}", rel)), reads[name]))
-    needed = needed_stages({s: i for s, _, _, _, i in steps}, lambda s: r.finished(s, next(x[1] for x in steps if x[0] == s)),
-                           need)
+    outputs = {s: rels for s, rels, *_ in steps}
+    needed = needed_stages({s: i for s, _, _, _, i in steps}, lambda s: r.finished(s, outputs[s]), need)
     for stage, rels, fn, args, _ in steps:
         if stage in needed:
             r.stage(stage, rels, fn, *args)
