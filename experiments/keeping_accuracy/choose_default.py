@@ -8,7 +8,11 @@ resamples each cell's items within that cell (each cell weighs the same). Reads 
 import json
 from pathlib import Path
 
-from gradpruner.evaluation.stats import paired_bootstrap, paired_bootstrap_tasks, paired_scores
+from gradpruner.evaluation.stats import (
+    paired_bootstrap,
+    paired_bootstrap_tasks,
+    paired_scores,
+)
 
 CELLS = Path("results/keeping_accuracy/validation/cells")
 OUT = Path("results/keeping_accuracy/validation/choice.md")
