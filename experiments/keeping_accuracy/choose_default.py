@@ -13,38 +13,43 @@ from gradpruner.evaluation.stats import (
     paired_bootstrap_tasks,
     paired_scores,
 )
+from gradpruner.pipeline.compare import load_grid
 
-CELLS = Path("results/keeping_accuracy/validation/cells")
-OUT = Path("results/keeping_accuracy/validation/choice.md")
+GRID = Path("experiments/keeping_accuracy/validation.yaml")
 CANDIDATE, REFERENCE = "igia_guarded", "block_influence"
 
 
-def result(removed: int, task: str, method: str) -> dict | None:
-    path = CELLS / f"removed={removed},task={task},method={method}" / "eval" / "pruned_ft.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def results() -> tuple[Path, dict[tuple[str, str], dict[str, dict | None]]]:
+    """The grid's output folder and, per (removed, task) in grid order, each method's pruned_ft evaluation."""
+    out, cells = load_grid(GRID)
+    found: dict[tuple[str, str], dict[str, dict | None]] = {}
+    for labels, cfg in cells:
+        path = Path(cfg.out) / "eval" / "pruned_ft.json"
+        found.setdefault((labels["removed"], labels["task"]), {})[labels["method"]] = (
+            json.loads(path.read_text()) if path.is_file() else None)
+    return out, found
 
 
 def main() -> None:
+    out, found = results()
     lines = [f"| removed | task | {CANDIDATE} | {REFERENCE} | difference [paired 95% interval] |", "|---|---|---|---|---|"]
     pairs = []
-    for removed in (12, 9, 6):
-        for task in ("arc_easy", "hellaswag", "fingpt_sentiment"):
-            a, b = result(removed, task, CANDIDATE), result(removed, task, REFERENCE)
-            if a is None or b is None:
-                lines.append(f"| {removed} | {task} | not run | not run | |")
-                continue
-            pair = paired_scores(a, b)
-            pairs.append(pair)
-            d, lo, hi = paired_bootstrap(*pair)
-            lines.append(f"| {removed} | {task} (n = {a['n']}) | {a['value']:.3f} | {b['value']:.3f} | "
-                         f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
+    for (removed, task), by_method in found.items():
+        a, b = by_method[CANDIDATE], by_method[REFERENCE]
+        if a is None or b is None:
+            lines.append(f"| {removed} | {task} | not run | not run | |")
+            continue
+        pair = paired_scores(a, b)
+        pairs.append(pair)
+        d, lo, hi = paired_bootstrap(*pair)
+        lines.append(f"| {removed} | {task} (n = {a['n']}) | {a['value']:.3f} | {b['value']:.3f} | "
+                     f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
     if pairs:
         d, lo, hi = paired_bootstrap_tasks(pairs)
         winner = CANDIDATE if d > 0 else REFERENCE
         lines += ["", f"Mean of the {len(pairs)} cells' differences: {d:+.4f} [{lo:+.4f}, {hi:+.4f}] "
                   f"({'resolved' if lo > 0 or hi < 0 else 'unresolved'}); higher: {winner}."]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(lines) + "\n")
+    (out / "choice.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
