@@ -405,3 +405,28 @@ def test_a_failure_while_writing_leaves_no_file(folder, tmp_path, monkeypatch):
     with pytest.raises(GradPrunerError, match="stop"):
         export_gguf(folder("llama"), tmp_path / "m.gguf")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_gguf_copied_elsewhere_reuses_its_conversion(folder, tmp_path, monkeypatch):
+    """The conversion cache follows the file's content, not its path or mtime: a reinstall adds no second copy."""
+    import os
+    import shutil
+
+    from gradpruner.models.loading import resolve_model
+
+    monkeypatch.setenv("GRADPRUNER_CACHE", str(tmp_path / "cache"))
+    first = tmp_path / "a" / "model.gguf"
+    first.parent.mkdir()
+    export_gguf(folder("llama"), first, "f32")
+    converted = resolve_model(first)
+    stamp = (converted / "config.json").stat().st_mtime_ns
+    copy = tmp_path / "b" / "model.gguf"
+    copy.parent.mkdir()
+    shutil.copyfile(first, copy)
+    os.utime(copy, ns=(1, 1))
+    assert resolve_model(copy) == converted and (converted / "config.json").stat().st_mtime_ns == stamp
+    other = tmp_path / "c" / "model.gguf"
+    other.parent.mkdir()
+    export_gguf(make_folder(tmp_path / "other", "llama", seed=1), other, "f32")
+    assert resolve_model(other) != converted
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2

@@ -83,9 +83,15 @@ def alias_gguf(name: str) -> Path:
 
 
 def _gguf_cache_folder(gguf: Path, label: str) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{label}-{key}"
+    """Keyed by the file's content (size, first and last MiB), not its path or time, so reinstalling the same
+    model in another environment reuses its conversion instead of adding another copy to the cache."""
+    size = gguf.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with gguf.open("rb") as f:
+        digest.update(f.read(1 << 20))
+        f.seek(max(size - (1 << 20), 0))
+        digest.update(f.read(1 << 20))
+    return cache_dir() / "models" / f"{label}-{digest.hexdigest()[:12]}"
 
 
 def convert_gguf(gguf: Path, out: Path) -> Path:
