@@ -138,3 +138,15 @@ def test_demo_config_file_matches_the_demo():
     from gradpruner.pipeline.demo import demo_config
 
     assert load_config("configs/demo.yaml") == demo_config("runs/demo")
+
+
+def test_run_with_a_greedy_block_search(tiny_llama, tmp_path, one_thread):
+    path = _config(tmp_path, tiny_llama, score={"method": "igia_greedy", "greedy_unit": "block", "steps": 3,
+                                                "batch_size": 4, "max_length": 96, "lr": 1e-3, "calib_examples": 8},
+                   plan={"prune": 2, "merge": 0, "granularity": "block"})
+    report = run(load_config(path), echo=lambda s: None, isolate=False)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["granularity"] == "block" and len(plan["removed_blocks"]) == 4 and len(plan["keep"]) == 6
+    pr = json.loads((tmp_path / "run" / "eval" / "pruned_ft.json").read_text())
+    assert pr["params"]["num_layers"] == 6
+    assert "Greedy removal of attention/MLP block pairs" in report.read_text()

@@ -84,6 +84,9 @@ def _check_heal_plan(the_plan: dict, dense, small, dense_config, small_config) -
     if the_plan.get("granularity") == "hidden" or the_plan.get("hidden") is not None:
         raise GradPrunerError("The plan prunes the hidden size, not whole layers; healing folds a map across removed "
                               "layers, so use a layer plan (plan --granularity layer).")
+    if the_plan.get("mlp_from"):
+        raise GradPrunerError("The plan moves MLP blocks between layers (plan --granularity block); healing folds a map "
+                              "across whole removed layers, so heal a layer plan, or prune without healing.")
     if len(the_plan["keep"]) != small_config.num_hidden_layers:
         raise GradPrunerError(f"The plan keeps {len(the_plan['keep'])} layers but the pruned model {small} has "
                               f"{small_config.num_hidden_layers}; give the plan that pruned it.")

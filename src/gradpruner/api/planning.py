@@ -15,6 +15,7 @@ from gradpruner.models.loading import (
     load_model,
     resolve_model,
 )
+from gradpruner.planning import blocks as planning_blocks
 from gradpruner.planning import plans as planning
 from gradpruner.planning.config import PlanConfig
 from gradpruner.scoring.igia import IGIA_SCORES
@@ -50,8 +51,10 @@ def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, 
         elif (c.target_latency is not None or c.target_memory is not None) and model is None:
             check.problems.append("--target-latency and --target-memory are measured on the model: give --model "
                                   "(the model the scores came from).")
-        if granularity not in ("layer", "hidden"):
-            check.problems.append(f"--granularity {granularity!r} is not known; use layer or hidden.")
+        if granularity not in ("layer", "hidden", "block"):
+            check.problems.append(f"--granularity {granularity!r} is not known; use layer, hidden or block.")
+        elif data is not None:
+            check.problems.extend(_block_problems(c, data, scores))
         check(check_output, out, overwrite)
     own = rule in (None, data.get("method", "igia"))  # the method's own scores; else an IGIA variant
     layer_scores = data["layer_scores"] if own else (data.get("layer_scores_by_rule") or {}).get(rule)
@@ -68,6 +71,9 @@ def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, 
                                 protect_last=protect_last, max_block=max_block)
     if granularity == "hidden":
         result = _hidden_plan(scores, data, result)
+    elif granularity == "block":
+        result = planning_blocks.block_plan(_block_order(data), prune, len(layer_scores), data.get("layer_params"),
+                                            data.get("total_params"))
     if measured is not None:
         result["target"] = measured
     result.update({"scores_file": str(Path(scores).resolve()), "model": data.get("model"),
@@ -110,6 +116,24 @@ def _measured_target(c: PlanConfig, model: str, layer_scores: list[float], data:
     return k, {"kind": "latency", "latency": c.latency, "ratio_target": c.target_latency, "measured": ratios[k],
                "ratios": {str(n): r for n, r in sorted(ratios.items())}}
 
+
+
+def _block_order(data: dict) -> list | None:
+    return data.get("block_order") or (data.get("variant_statistics") or {}).get("block_order")
+
+
+def _block_problems(c: PlanConfig, data: dict, scores) -> list[str]:
+    """A block plan needs a block search's scores and no layer-only setting; a layer plan cannot use them."""
+    order = _block_order(data)
+    if c.granularity != "block":
+        return [] if order is None else [f"Scores file {scores} comes from a block search (greedy_unit block); plan "
+                                         "it with --granularity block."]
+    out = [] if order is not None else [f"Scores file {scores} has no block search; score with --method greedy_loss "
+                                        "or igia_greedy and --greedy-unit block for --granularity block."]
+    if c.merge or c.protect_last or c.max_block is not None or c.target_latency is not None or c.target_memory is not None:
+        out.append("--granularity block takes --prune or --target-params only, without --merge, --protect-last, "
+                   "--max-block, --target-latency or --target-memory.")
+    return out
 
 
 def _hidden_plan(scores, data: dict, layer_plan: dict) -> dict:

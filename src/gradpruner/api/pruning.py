@@ -126,12 +126,13 @@ def _choose_streaming(out_of_core: bool | None, source, config, the_plan: dict) 
 def _prune_in_memory(source, config, the_plan: dict, factors, density: float, merge_rule: str,
                      trust_remote_code: bool, allow_pickle: bool):
     from gradpruner.pruning.merging import merge_layers
-    from gradpruner.pruning.surgery import remove_layers
+    from gradpruner.pruning.surgery import move_mlp_blocks, remove_layers
 
     model_obj = load_model(source, dtype=getattr(config, "dtype", None) or torch.float32,
                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     tok = load_tokenizer(source, trust_remote_code)
     stats = merge_layers(model_obj, the_plan["merge"], factors, density, merge_rule) if the_plan["merge"] else {}
+    move_mlp_blocks(model_obj, the_plan.get("mlp_from") or {})
     remove_layers(model_obj, the_plan["keep"])
     if the_plan.get("hidden") is not None:
         from gradpruner.pruning.width import prune_width, validate_width

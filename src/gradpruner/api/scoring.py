@@ -67,7 +67,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     lora_dropout, max_grad_norm, calib_examples = c.lora_dropout, c.max_grad_norm, c.calib_examples
     steps_fraction, planned_steps = c.steps_fraction, c.planned_steps
     options_ = {"laco_group": c.laco_group, "laco_threshold": c.laco_threshold, "greedy_pool": c.greedy_pool,
-                "greedy_pool_factor": c.greedy_pool_factor}
+                "greedy_pool_factor": c.greedy_pool_factor, "greedy_unit": c.greedy_unit}
     target = DEFAULT_PRUNE if target is None else target
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         spec = check(lookup, METHODS, method, "scoring method")

@@ -264,13 +264,31 @@ def _check_methods(cfg: RunConfig) -> list[str]:
         out.append(f"score.method {cfg.score.method} needs plan.prune (its pool or its stop is sized from it), not plan.target_params.")
     if cfg.score.greedy_pool not in POOLS:
         out.append(f"score.greedy_pool is {cfg.score.greedy_pool!r}; use {' or '.join(POOLS)} (IGIA's pool: score.method igia_greedy).")
-    if cfg.plan.granularity not in ("layer", "hidden"):
-        out.append(f"plan.granularity is {cfg.plan.granularity!r}; use layer or hidden.")
+    if cfg.plan.granularity not in ("layer", "hidden", "block"):
+        out.append(f"plan.granularity is {cfg.plan.granularity!r}; use layer, hidden or block.")
     elif cfg.plan.granularity == "hidden" and not method.factors:
         out.append(f"plan.granularity hidden ranks hidden dimensions by IGIA; use score.method igia, not {cfg.score.method}.")
+    out += _check_blocks(cfg)
     if cfg.score.adapter not in ("lora", "dora"):
         out.append(f"score.adapter is {cfg.score.adapter!r}; use lora or dora.")
     return out + _check_heal(cfg)
+
+
+def _check_blocks(cfg: RunConfig) -> list[str]:
+    """Block plans come from a greedy block search, and a block search only makes block plans."""
+    block_search = cfg.score.greedy_unit == "block" and cfg.score.method in ("greedy_loss", "igia_greedy")
+    if cfg.score.greedy_unit not in ("layer", "block"):
+        return [f"score.greedy_unit is {cfg.score.greedy_unit!r}; use layer or block."]
+    if cfg.plan.granularity == "block" and not block_search:
+        return ["plan.granularity block removes the block pairs a greedy block search found; set score.method "
+                "igia_greedy (or greedy_loss) and score.greedy_unit: block."]
+    if cfg.plan.granularity != "block" and cfg.score.greedy_unit == "block":
+        return ["score.greedy_unit block searches attention/MLP block pairs, which only plan.granularity block uses; "
+                "set both, or neither."]
+    if cfg.plan.granularity == "block" and (cfg.plan.merge or cfg.heal.rule != "none"):
+        return ["plan.granularity block does not combine with merging or healing yet; set plan.merge: 0 and "
+                "heal.rule: none."]
+    return []
 
 
 def _check_heal(cfg: RunConfig) -> list[str]:

@@ -34,7 +34,7 @@ def _key(*parts) -> str:
 # default, so finished stages of earlier run folders (and of earlier versions) stay valid.
 LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "laco_group": 4, "laco_threshold": 0.65,
                    "steps_fraction": None, "planned_steps": None, "lora_dropout": 0.0, "max_grad_norm": 0.0,
-                   "greedy_pool": "all", "greedy_pool_factor": 2.0},
+                   "greedy_pool": "all", "greedy_pool_factor": 2.0, "greedy_unit": "layer"},
          "plan": {"granularity": "layer", "protect_last": 0, "max_block": None, "target_latency": None,
                   "latency": "prefill", "target_memory": None},
          "prune": {"out_of_core": None, "max_shard_size": "2GB"},

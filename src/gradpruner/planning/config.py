@@ -20,7 +20,8 @@ class PlanConfig:
     merge: int = opt(0, "of the removed layers, how many are merged into the nearest kept one (the paper merges 3 of 13)")
     from_method: str | None = opt(None, "rank by the scores of this method: empty for the method that scored; for IGIA "
                                   "scores also igia or igia_norm (the authors' release), which the same file holds")
-    granularity: str = opt("layer", "layer, or hidden: remove the same parameters as residual-stream dimensions ranked "
-                           "by IGIA (paper Appendix D)")
+    granularity: str = opt("layer", "layer; hidden: remove the same parameters as residual-stream dimensions ranked "
+                           "by IGIA (paper Appendix D); or block: remove attention/MLP block pairs found by a greedy "
+                           "block search (score.greedy_unit block)")
     protect_last: int = opt(0, "never remove the last K layers")
     max_block: int | None = opt(None, "never remove more than K consecutive layers (empty: no limit)")

@@ -23,9 +23,10 @@ import re
 from collections import Counter
 
 from gradpruner.errors import GradPrunerError
+from gradpruner.planning.blocks import mlp_from_problems
 
 REQUIRED_KEYS = ("num_layers", "keep", "drop")
-OPTIONAL_KEYS = ("merge", "layer_scores", "params", "rule", "granularity", "hidden")
+OPTIONAL_KEYS = ("merge", "layer_scores", "params", "rule", "granularity", "hidden", "mlp_from", "removed_blocks")
 
 
 def _is_int(x) -> bool:
@@ -304,6 +305,7 @@ def validate_plan(plan: dict, num_layers: int | None = None) -> dict:
                 problems.append(f"Layer {src} merges into layer {dst}, which is not kept "
                                 "(it merges into a removed layer); pick a layer from 'keep'.")
 
+    problems.extend(mlp_from_problems(plan, keep, drop, n))
     scores = plan.get("layer_scores")
     if scores is not None:
         if not isinstance(scores, list) or not all(_is_real(s) for s in scores):
@@ -352,6 +354,9 @@ def plan_summary(plan: dict) -> str:
         f"Dropped ({len(p['drop'])}): {_ranges(p['drop'])}",
         "Merged: " + (", ".join(f"{s} -> {d}" for s, d in sorted(merge.items())) or "none"),
     ]
+    if p.get("mlp_from"):
+        lines.append("MLP blocks moved (layer <- MLP of layer): "
+                     + ", ".join(f"{k} <- {v}" for k, v in sorted(p["mlp_from"].items(), key=lambda kv: int(kv[0]))))
     hidden = p.get("hidden")
     if isinstance(hidden, dict) and isinstance(hidden.get("keep_dims"), list):
         lines.append(f"Hidden size: {hidden.get('hidden_size')} -> {len(hidden['keep_dims'])} (residual-stream "

@@ -118,17 +118,41 @@ class _Reader:
             return f.get_tensor(name)  # memory-mapped: pages are read as the writer touches them
 
 
-def _out_names(files: dict[str, Path], split, prefix: str, keep: list[int]) -> list[tuple[str, str]]:
-    """(output name, input name) for every tensor kept, layers renumbered, in a stable order."""
+def _out_names(files: dict[str, Path], split, prefix: str, keep: list[int],
+               mlp_from: dict | None = None) -> list[tuple[str, str]]:
+    """(output name, input name) for every tensor kept, layers renumbered, in a stable order. With a block
+    plan's ``mlp_from`` the MLP-side tensors of a kept layer come from the layer it names."""
     new_index = {old: new for new, old in enumerate(keep)}
+    mlp_index = {old: new for new, old in enumerate(keep)}
+    side = set()
+    if mlp_from:
+        from gradpruner.models.blocks import mlp_side
+
+        side = mlp_side({where[1].split(".")[0] for where in map(split, files) if where is not None and where[0] == keep[0]})
+        for dst, src in mlp_from.items():
+            del mlp_index[int(dst)]
+            mlp_index[int(src)] = new_index[int(dst)]
     pairs = []
     for name in files:
         where = split(name)
+        index = mlp_index if where is not None and where[1].split(".")[0] in side else new_index
         if where is None:
             pairs.append((name, name))
-        elif where[0] in new_index:
-            pairs.append((f"{prefix}.{new_index[where[0]]}.{where[1]}", name))
+        elif where[0] in index:
+            pairs.append((f"{prefix}.{index[where[0]]}.{where[1]}", name))
     return sorted(pairs, key=lambda p: (split(p[0]) or (-1, ""), p[0]))
+
+
+def _check_moved(pairs, reader: _Reader, split, prefix: str, keep: list[int]) -> None:
+    """A block plan's moved MLP tensors must have the shapes of those they replace."""
+    for out_name, in_name in pairs:
+        where = split(out_name)
+        if where is None or out_name == in_name:
+            continue
+        own = f"{prefix}.{keep[where[0]]}.{where[1]}"
+        if own != in_name and reader.specs.get(own, (None, None))[1] != reader.specs[in_name][1]:
+            raise GradPrunerError(f"{in_name} differs in shape from {own}, so it cannot take its place; use "
+                                  "plan.granularity layer for this model.")
 
 
 def _shard_groups(pairs, reader: _Reader, max_bytes: int) -> list[list[tuple[str, str]]]:
@@ -259,7 +283,8 @@ def prune_streaming(source, config, plan: dict, out: Path, factors, density: flo
     reader = _Reader(files)
     merger = _Merger(_merge_jobs(plan, modules, prefix, moe.units if moe else None), factors, rule, density, moe)
     try:
-        pairs = _out_names(files, _layer_of(prefix), prefix, plan["keep"])
+        pairs = _out_names(files, _layer_of(prefix), prefix, plan["keep"], plan.get("mlp_from"))
+        _check_moved(pairs, reader, _layer_of(prefix), prefix, plan["keep"])
         _write_shards(_shard_groups(pairs, reader, max_shard_bytes), reader, merger, out)
     finally:
         merger.close()

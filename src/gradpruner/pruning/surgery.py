@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from gradpruner.errors import GradPrunerError
 from gradpruner.models.architectures import (
     find_decoder_layers,
     subset_config,
@@ -46,6 +47,27 @@ def _refresh_derived_state(model: torch.nn.Module, config) -> None:
     for module in model.modules():
         if isinstance(getattr(module, "has_sliding_layers", None), bool):
             module.has_sliding_layers = "sliding_attention" in layer_types
+
+
+def move_mlp_blocks(model, mlp_from: dict) -> None:
+    """Give each kept layer ``int(k)`` the MLP block of layer ``mlp_from[k]`` (a block plan,
+    ``planning.blocks``), in place: the MLP module and the norms that go with it (``models.blocks``).
+    Call before ``remove_layers``; the layers whose blocks were taken are removed by it."""
+    from gradpruner.models.blocks import layer_mlp_side
+
+    if not mlp_from:
+        return
+    _, _, layers = find_decoder_layers(model)
+    side = layer_mlp_side(model)
+    for key, src in mlp_from.items():
+        dst = int(key)
+        for name in side:
+            mine, theirs = getattr(layers[dst], name), getattr(layers[src], name)
+            shapes = [tuple(p.shape) for p in mine.parameters()], [tuple(p.shape) for p in theirs.parameters()]
+            if type(mine) is not type(theirs) or shapes[0] != shapes[1]:
+                raise GradPrunerError(f"Layer {src}'s {name} differs from layer {dst}'s in kind or shape, so it cannot "
+                                      "take its place; use plan.granularity layer for this model.")
+            setattr(layers[dst], name, theirs)
 
 
 def remove_layers(model, keep: list[int]):

@@ -100,7 +100,14 @@ def build_blocks(run_dir: Path) -> list[tuple]:
         else:
             how = f"Method {method}" + (f", {scores['steps']} training steps." if scores.get("steps") else ", no training steps.")
         stats = scores.get("variant_statistics") or {}
-        if "greedy_order" in stats:  # igia_greedy: IGIA's pool, the measured loss chose
+        order = stats.get("block_order") or scores.get("block_order")
+        if order:  # a greedy block search: pairs of attention (even id) and MLP (odd id) blocks
+            named = ", ".join("+".join(f"{'attn' if b % 2 == 0 else 'mlp'} {b // 2}" for b in unit) for unit in order)
+            passes = stats.get("forward_passes", scores.get("forward_passes"))
+            how += (f" Greedy removal of attention/MLP block pairs by measured calibration loss, in order: {named} "
+                    f"({passes} calibration passes); the layer scores plotted are the mean step at which a layer's "
+                    "two blocks went.")
+        elif "greedy_order" in stats:  # igia_greedy: IGIA's pool, the measured loss chose
             how += (f" Greedy removal by measured calibration loss among the {len(stats['greedy_candidates'])} layers "
                     f"IGIA ranks lowest (order {stats['greedy_order']}, {stats['forward_passes']} calibration passes); "
                     "the others (scored above every candidate) were never candidates.")

@@ -34,3 +34,6 @@ class ScoreConfig:
                            "prune⌉ with the lowest block influence)", choices=("all", "block_influence"))
     greedy_pool_factor: float = opt(2.0, "greedy_loss with greedy_pool block_influence, and igia_greedy: the pool is the "
                                     "⌈factor · prune⌉ layers the guide (block influence, IGIA) ranks lowest")
+    greedy_unit: str = opt("layer", "greedy_loss and igia_greedy: remove whole layers, or block: adjacent attention/MLP "
+                           "block pairs (a whole layer, or one layer's MLP with the next attention; plan with "
+                           "granularity block)", choices=("layer", "block"))

@@ -96,3 +96,64 @@ def greedy_removal(model, batches, candidates: list[int], target: int, tiebreak:
     bar.close()
     return {"layer_scores": greedy_scores(n, order, last, tiebreak), "greedy_order": order, "greedy_losses": losses,
             "greedy_candidates": candidates, "forward_passes": passes, "seconds": time.perf_counter() - start}
+
+
+def blocks_loss(model, batches, removed) -> float:
+    """``calib_loss`` with the blocks ``removed`` (ids, ``models.blocks``) out of the forward pass."""
+    from gradpruner.models.blocks import without_blocks
+
+    with without_blocks(model, removed), torch.no_grad():
+        return sum(float(model(**b, use_cache=False).loss) for b in batches) / len(batches)
+
+
+def block_layer_scores(n: int, order: list[list[int]]) -> list[float]:
+    """Per layer, the mean step at which its two blocks went (a block never removed counts as step
+    len(order) + 1): whole layers removed early rank lowest. For reports; plans read ``block_order``."""
+    step = {b: k for k, unit in enumerate(order, 1) for b in unit}
+    return [(step.get(2 * i, len(order) + 1) + step.get(2 * i + 1, len(order) + 1)) / 2 for i in range(n)]
+
+
+def greedy_block_removal(model, batches, pool: list[int], target: int, tiebreak: list[float] | None = None,
+                         desc: str = "greedy blocks") -> dict:
+    """``greedy_removal`` over attention/MLP block pairs instead of layers (``models.blocks``): ``target``
+    times, remove the adjacent pair of remaining blocks (a whole layer, or one layer's MLP with the next
+    remaining attention) whose removal costs least, among pairs whose blocks both belong to layers in
+    ``pool``. Each step removes one attention and one MLP, the parameters of one layer in a uniform model.
+    Ties: the lower summed guide score of the two layers, then the lower block ids.
+
+    Returns ``block_order`` (the pairs of block ids in the order removed), ``greedy_losses``,
+    ``greedy_candidates`` (the pool), ``forward_passes``, ``seconds``, ``greedy_unit`` and
+    ``layer_scores`` (``block_layer_scores``). The model is left whole."""
+    from gradpruner.models.blocks import layer_mlp_side, units
+
+    n = len(architectures.find_decoder_layers(model)[2])
+    layer_mlp_side(model)  # a clear error for layers whose blocks cannot be told apart
+    pool = sorted(set(pool))
+    if not 1 <= target < n:
+        raise GradPrunerError(f"The greedy search removes 1 to {n - 1} of this model's {n} layers, not {target}; "
+                              "give --prune N (plan.prune) within that range.")
+    if target > len(pool):
+        raise GradPrunerError(f"The greedy search must remove {target} block pairs but has only {len(pool)} "
+                              "candidate layers; raise --greedy-pool-factor.")
+    tb = tiebreak or [0.0] * n
+    allowed = set(pool)
+    start, passes, removed, order, losses = time.perf_counter(), 0, set(), [], []
+    model.eval()
+    bar = tqdm(desc=desc, unit="pass")
+    for _ in range(target):
+        remaining = [b for b in range(2 * n) if b not in removed]
+        trial = {u: blocks_loss(model, batches, removed | set(u)) for u in units(remaining)
+                 if u[0] // 2 in allowed and u[1] // 2 in allowed}
+        passes += len(trial)
+        bar.update(len(trial))
+        if not trial:
+            raise GradPrunerError(f"The greedy block search ran out of candidates after {len(order)} removals; "
+                                  "raise --greedy-pool-factor.")
+        best = min(trial, key=lambda u: (trial[u], tb[u[0] // 2] + tb[u[1] // 2], u))
+        removed |= set(best)
+        order.append(list(best))
+        losses.append(trial[best])
+    bar.close()
+    return {"layer_scores": block_layer_scores(n, order), "block_order": order, "greedy_losses": losses,
+            "greedy_candidates": pool, "greedy_unit": "block", "forward_passes": passes,
+            "seconds": time.perf_counter() - start}

@@ -27,6 +27,7 @@ from gradpruner.models import architectures
 from gradpruner.scoring.greedy import (
     POOLS,
     calib_loss,
+    greedy_block_removal,
     greedy_removal,
     lowest,
     pool_size,
@@ -276,7 +277,8 @@ def greedy_loss(ctx: Context) -> dict:
         factor = float(ctx.options.get("greedy_pool_factor", 2.0))
         candidates = lowest(guide, pool_size(ctx.target, n, factor))
         extra = {"block_influence": guide, "greedy_pool_factor": factor}
-    res = greedy_removal(ctx.model, ctx.batches(), candidates, ctx.target, guide, desc="greedy loss")
+    search = greedy_block_removal if ctx.options.get("greedy_unit", "layer") == "block" else greedy_removal
+    res = search(ctx.model, ctx.batches(), candidates, ctx.target, guide, desc="greedy loss")
     res["forward_passes"] += 1 if guide is not None else 0  # block influence's pass over the batches
     res["seconds"] = time.perf_counter() - start
     return {**res, "greedy_pool": pool, **extra}

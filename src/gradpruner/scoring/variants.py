@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from gradpruner.models import architectures
-from gradpruner.scoring.greedy import greedy_removal, lowest, pool_size
+from gradpruner.scoring.greedy import greedy_block_removal, greedy_removal, lowest, pool_size
 from gradpruner.scoring.igia import igia_matrix, layer_scores
 
 
@@ -174,7 +174,8 @@ def _igia_greedy(m, sc, f, st):
     and ``variant_scores`` makes sure never reaches scores.json."""
     igia = sc["layer_scores_by_rule"]["igia"]
     pool = lowest(igia, pool_size(st["target"], sc["num_layers"], st["greedy_pool_factor"]))
-    res = greedy_removal(m, st.pop("batches"), pool, st["target"], igia, desc="igia greedy")
+    search = greedy_block_removal if st.pop("greedy_unit", "layer") == "block" else greedy_removal
+    res = search(m, st.pop("batches"), pool, st["target"], igia, desc="igia greedy")
     st.update({k: v for k, v in res.items() if k != "layer_scores"})
     return res["layer_scores"]
 
@@ -229,6 +230,7 @@ def statistics(name: str, ctx) -> dict | None:
                               "its guard; give it, or use --method igia (the paper's method, whose scores do not depend on it).")
     if need == "greedy":  # measured after the steps, once IGIA names the pool: the batches are kept for it
         return {"target": ctx.target, "greedy_pool_factor": float(ctx.options.get("greedy_pool_factor", 2.0)),
+                "greedy_unit": ctx.options.get("greedy_unit", "layer"),
                 "batches": ctx.batches()}
     return {need: METHODS[need].fn(ctx)["layer_scores"], "target": ctx.target}
 
