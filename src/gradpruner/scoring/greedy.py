@@ -139,13 +139,17 @@ def greedy_block_removal(model, batches, pool: list[int], target: int, tiebreak:
     allowed = set(pool)
     start, passes, removed, order, losses = time.perf_counter(), 0, set(), [], []
     model.eval()
-    bar = tqdm(desc=desc, unit="pass")
-    for _ in range(target):
+    bar = tqdm(total=0, desc=desc, unit="pass")
+    for step in range(target):
         remaining = [b for b in range(2 * n) if b not in removed]
-        trial = {u: blocks_loss(model, batches, removed | set(u)) for u in units(remaining)
-                 if u[0] // 2 in allowed and u[1] // 2 in allowed}
+        pairs = [u for u in units(remaining) if u[0] // 2 in allowed and u[1] // 2 in allowed]
+        # Each removal takes about two pairs off the candidates: the bar's total (and ETA) is re-estimated per step.
+        bar.total = bar.n + sum(max(len(pairs) - 2 * k, 1) for k in range(target - step))
+        trial = {}
+        for u in pairs:
+            trial[u] = blocks_loss(model, batches, removed | set(u))
+            bar.update(1)
         passes += len(trial)
-        bar.update(len(trial))
         if not trial:
             raise GradPrunerError(f"The greedy block search ran out of candidates after {len(order)} removals; "
                                   "raise --greedy-pool-factor.")
