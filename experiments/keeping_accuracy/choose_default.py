@@ -4,8 +4,15 @@ resamples each cell's items within that cell (each cell weighs the same). Reads 
 
     GRADPRUNER_DATA_DIR=DIR gradpruner compare experiments/keeping_accuracy/validation.yaml
     .venv/bin/python experiments/keeping_accuracy/choose_default.py
+
+Another grid and pair of method labels: ``choose_default.py GRID CANDIDATE REFERENCE`` (written to
+``choice-CANDIDATE-REFERENCE.md`` in that grid's output folder), e.g. the block search against the default:
+
+    .venv/bin/python experiments/keeping_accuracy/choose_default.py \
+        experiments/keeping_accuracy/blocks_validation.yaml igia_blocks igia_guarded
 """
 import json
+import sys
 from pathlib import Path
 
 from gradpruner.evaluation.stats import (
@@ -19,9 +26,9 @@ GRID = Path("experiments/keeping_accuracy/validation.yaml")
 CANDIDATE, REFERENCE = "igia_guarded", "block_influence"
 
 
-def results() -> tuple[Path, dict[tuple[str, str], dict[str, dict | None]]]:
+def results(grid: Path = GRID) -> tuple[Path, dict[tuple[str, str], dict[str, dict | None]]]:
     """The grid's output folder and, per (removed, task) in grid order, each method's pruned_ft evaluation."""
-    out, cells = load_grid(GRID)
+    out, cells = load_grid(grid)
     found: dict[tuple[str, str], dict[str, dict | None]] = {}
     for labels, cfg in cells:
         path = Path(cfg.out) / "eval" / "pruned_ft.json"
@@ -30,12 +37,12 @@ def results() -> tuple[Path, dict[tuple[str, str], dict[str, dict | None]]]:
     return out, found
 
 
-def main() -> None:
-    out, found = results()
-    lines = [f"| removed | task | {CANDIDATE} | {REFERENCE} | difference [paired 95% interval] |", "|---|---|---|---|---|"]
+def main(grid: Path = GRID, candidate: str = CANDIDATE, reference: str = REFERENCE) -> None:
+    out, found = results(grid)
+    lines = [f"| removed | task | {candidate} | {reference} | difference [paired 95% interval] |", "|---|---|---|---|---|"]
     pairs = []
     for (removed, task), by_method in found.items():
-        a, b = by_method[CANDIDATE], by_method[REFERENCE]
+        a, b = by_method[candidate], by_method[reference]
         if a is None or b is None:
             lines.append(f"| {removed} | {task} | not run | not run | |")
             continue
@@ -46,12 +53,15 @@ def main() -> None:
                      f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}] |")
     if pairs:
         d, lo, hi = paired_bootstrap_tasks(pairs)
-        winner = CANDIDATE if d > 0 else REFERENCE
+        winner = candidate if d > 0 else reference
         lines += ["", f"Mean of the {len(pairs)} cells' differences: {d:+.4f} [{lo:+.4f}, {hi:+.4f}] "
                   f"({'resolved' if lo > 0 or hi < 0 else 'unresolved'}); higher: {winner}."]
-    (out / "choice.md").write_text("\n".join(lines) + "\n")
+    name = "choice.md" if (candidate, reference) == (CANDIDATE, REFERENCE) else f"choice-{candidate}-{reference}.md"
+    (out / name).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) not in (1, 4):
+        sys.exit("usage: choose_default.py [GRID CANDIDATE REFERENCE]")
+    main(*([Path(sys.argv[1]), sys.argv[2], sys.argv[3]] if len(sys.argv) == 4 else []))
