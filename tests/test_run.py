@@ -150,3 +150,51 @@ def test_run_with_a_greedy_block_search(tiny_llama, tmp_path, one_thread):
     pr = json.loads((tmp_path / "run" / "eval" / "pruned_ft.json").read_text())
     assert pr["params"]["num_layers"] == 6
     assert "Greedy removal of attention/MLP block pairs" in report.read_text()
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    kids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0").strip()) == pid and not fields.get("State", "").strip().startswith("Z"):
+            kids.append(int(status.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_sigterm_to_a_run_stops_its_stage_process_too(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import time; from pathlib import Path; from gradpruner.pipeline.run import _in_child; "
+              f"_in_child(time.sleep, (120,), {{}}, Path({str(tmp_path / 'r.json')!r}))")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while time.time() < deadline and not _children(parent.pid):
+        time.sleep(0.2)
+    kids = _children(parent.pid)
+    assert kids, "the stage process never started"
+    time.sleep(1)  # let the parent reach its join
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) != 0
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(k) for k in kids):
+        time.sleep(0.2)
+    assert not any(_alive(k) for k in kids), "the stage process outlived its run"
+
+
+def _alive(pid: int) -> bool:
+    """A live (not zombie) process ``pid``."""
+    from pathlib import Path
+
+    try:
+        return not Path(f"/proc/{pid}/status").read_text().split("State:")[1].strip().startswith("Z")
+    except (OSError, IndexError):
+        return False

@@ -7,6 +7,7 @@ rerun resumes where an interrupted run stopped and a changed key reruns exactly 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -215,6 +216,27 @@ def _child_main(fn, args, kwargs, result_path: str) -> None:
         write_json(result_path, {"error": exc.problems})
 
 
+@contextlib.contextmanager
+def _terminate_on_sigterm():
+    """While a stage process runs, SIGTERM to this one raises SystemExit here, so the stage process is
+    stopped too instead of running on alone (``kill PID``, a job scheduler's time limit)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _in_child(fn, args, kwargs, result_path: Path):
     import multiprocessing
 
@@ -223,12 +245,13 @@ def _in_child(fn, args, kwargs, result_path: Path):
     result_path.unlink(missing_ok=True)
     proc = multiprocessing.get_context("spawn").Process(target=_child_main, args=(fn, args, kwargs, str(result_path)))
     proc.start()
-    try:
-        proc.join()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.join()
-        raise
+    with _terminate_on_sigterm():
+        try:
+            proc.join()
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a SIGTERM to this process (kill, a scheduler)
+            proc.terminate()
+            proc.join()
+            raise
     if not result_path.is_file():
         raise GradPrunerError(f"Stage process stopped with exit code {proc.exitcode} before finishing; "
                               "see the messages above, then rerun (finished stages are kept).")
