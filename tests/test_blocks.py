@@ -123,6 +123,10 @@ def test_greedy_block_search_takes_the_cheapest_pair_each_step(tiny_llama, qa_fi
     assert res["forward_passes"] == (2 * N - 1) + (2 * N - 3)
     pool = greedy_block_removal(model, batches, [2, 3, 4], 1)
     assert pool["forward_passes"] == 5 and {b // 2 for b in pool["block_order"][0]} <= {2, 3, 4}
+    with pytest.raises(GradPrunerError, match="remove 2 block pairs but has only 1 candidate layers"):
+        greedy_block_removal(model, batches, [3], 2)
+    with pytest.raises(GradPrunerError, match="removes 1 to 7"):
+        greedy_block_removal(model, batches, list(range(N)), N)
 
 
 def test_block_plan_from_an_order_and_its_checks():

@@ -61,6 +61,19 @@ def greedy_scores(n: int, order: list[int], last_loss: dict[int, float], guide: 
     return scores
 
 
+def _checked(model, candidates, target: int, what: str) -> tuple[int, list[int]]:
+    """The model's layer count and the sorted candidate layers, or a clear error for an impossible target."""
+    n = len(architectures.find_decoder_layers(model)[2])
+    candidates = sorted(set(candidates))
+    if not 1 <= target < n:
+        raise GradPrunerError(f"The greedy search removes 1 to {n - 1} of this model's {n} layers, not {target}; "
+                              "give --prune N (plan.prune) within that range.")
+    if target > len(candidates):
+        raise GradPrunerError(f"The greedy search must remove {target} {what} but has only {len(candidates)} "
+                              "candidate layers; raise --greedy-pool-factor.")
+    return n, candidates
+
+
 def greedy_removal(model, batches, candidates: list[int], target: int, tiebreak: list[float] | None = None,
                    desc: str = "greedy removal") -> dict:
     """Remove ``target`` of ``candidates`` one at a time, the cheapest by measured calibration loss first.
@@ -68,14 +81,7 @@ def greedy_removal(model, batches, candidates: list[int], target: int, tiebreak:
     Returns ``layer_scores`` (see the module doc), ``greedy_order`` (layers in the order removed),
     ``greedy_losses`` (the calibration loss after each removal), ``greedy_candidates``,
     ``forward_passes`` (passes over the calibration batches) and ``seconds``. The model is left whole."""
-    n = len(architectures.find_decoder_layers(model)[2])
-    candidates = sorted(set(candidates))
-    if not 1 <= target < n:
-        raise GradPrunerError(f"The greedy search removes 1 to {n - 1} of this model's {n} layers, not {target}; "
-                              "give --prune N (plan.prune) within that range.")
-    if target > len(candidates):
-        raise GradPrunerError(f"The greedy search must remove {target} layers but has only {len(candidates)} "
-                              "candidates; raise --greedy-pool-factor.")
+    n, candidates = _checked(model, candidates, target, "layers")
     tb = tiebreak or [0.0] * n
     start, passes = time.perf_counter(), 0
     order, losses, last = [], [], {}
@@ -126,15 +132,8 @@ def greedy_block_removal(model, batches, pool: list[int], target: int, tiebreak:
     ``layer_scores`` (``block_layer_scores``). The model is left whole."""
     from gradpruner.models.blocks import layer_mlp_side, units
 
-    n = len(architectures.find_decoder_layers(model)[2])
     layer_mlp_side(model)  # a clear error for layers whose blocks cannot be told apart
-    pool = sorted(set(pool))
-    if not 1 <= target < n:
-        raise GradPrunerError(f"The greedy search removes 1 to {n - 1} of this model's {n} layers, not {target}; "
-                              "give --prune N (plan.prune) within that range.")
-    if target > len(pool):
-        raise GradPrunerError(f"The greedy search must remove {target} block pairs but has only {len(pool)} "
-                              "candidate layers; raise --greedy-pool-factor.")
+    n, pool = _checked(model, pool, target, "block pairs")
     tb = tiebreak or [0.0] * n
     allowed = set(pool)
     start, passes, removed, order, losses = time.perf_counter(), 0, set(), [], []
