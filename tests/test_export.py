@@ -430,3 +430,14 @@ def test_a_gguf_copied_elsewhere_reuses_its_conversion(folder, tmp_path, monkeyp
     export_gguf(make_folder(tmp_path / "other", "llama", seed=1), other, "f32")
     assert resolve_model(other) != converted
     assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
+
+
+def test_a_block_plan_exports_where_each_layers_mlp_came_from(folder, tmp_path):
+    plan = {"num_layers": 8, "keep": [0, 1, 3, 4, 6, 7], "drop": [2, 5], "mlp_from": {"1": 2, "4": 5}}
+    api.prune(str(folder("llama")), plan, tmp_path / "pruned")
+    out = tmp_path / "pruned.gguf"
+    export_gguf(tmp_path / "pruned", out, "f32")
+    fields = _check_per_layer(out, 6)
+    assert fields["gradpruner.kept_layers"] == [0, 1, 3, 4, 6, 7]
+    assert fields["gradpruner.kept_mlp_layers"] == [0, 2, 3, 5, 6, 7]
+    assert (_logits(tmp_path / "pruned") - _logits(None, out)).abs().max().item() < 1e-4

@@ -148,14 +148,16 @@ def plan_tensors(folder: Path, arch: Arch, config, fmt: str) -> list[Planned]:
     return planned
 
 
-def _kept_layers(folder: Path, n: int) -> tuple[list[int], int] | None:
-    """The original indices of the kept layers and the original layer count, from gradpruner.json."""
+def _kept_layers(folder: Path, n: int) -> tuple[list[int], int, list[int] | None] | None:
+    """The original indices of the kept layers, the original layer count and, for a block plan, the original
+    layer of every kept layer's MLP block, from gradpruner.json."""
     try:
         plan = json.loads((folder / "gradpruner.json").read_text(encoding="utf-8"))["plan"]
         keep, total = [int(i) for i in plan["keep"]], int(plan["num_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
+        moved = {int(k): int(v) for k, v in (plan.get("mlp_from") or {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return (keep, total) if len(keep) == n else None
+    return (keep, total, [moved.get(i, i) for i in keep] if moved else None) if len(keep) == n else None
 
 
 def _write_metadata(writer: gguf.GGUFWriter, folder: Path, arch: Arch, config, vocab: Vocab, fmt: str) -> None:
@@ -170,6 +172,8 @@ def _write_metadata(writer: gguf.GGUFWriter, folder: Path, arch: Arch, config, v
     if kept is not None:
         writer.add_array("gradpruner.kept_layers", kept[0])
         writer.add_uint32("gradpruner.source_block_count", kept[1])
+        if kept[2] is not None:
+            writer.add_array("gradpruner.kept_mlp_layers", kept[2])
 
 
 def _values(p: Planned, handle, arch: Arch, config) -> np.ndarray:
