@@ -440,4 +440,6 @@ def test_a_block_plan_exports_where_each_layers_mlp_came_from(folder, tmp_path):
     fields = _check_per_layer(out, 6)
     assert fields["gradpruner.kept_layers"] == [0, 1, 3, 4, 6, 7]
     assert fields["gradpruner.kept_mlp_layers"] == [0, 2, 3, 5, 6, 7]
+    assert "**MLP blocks moved**" in (tmp_path / "pruned" / "README.md").read_text()
+    assert "1 ← 2, 4 ← 5" in (tmp_path / "pruned" / "README.md").read_text()
     assert (_logits(tmp_path / "pruned") - _logits(None, out)).abs().max().item() < 1e-4

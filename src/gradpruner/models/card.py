@@ -67,6 +67,11 @@ def _prune_lines(p: dict) -> list[str]:
     if merge:
         pairs = ", ".join(f"{k} → {v}" for k, v in sorted(merge.items(), key=lambda kv: int(kv[0])))
         lines.append(f"- **Merged** into the kept layer named ({p.get('merge_rule')}, density {p.get('density')}): {pairs}.")
+    moved = plan.get("mlp_from") or {}
+    if moved:
+        pairs = ", ".join(f"{k} ← {v}" for k, v in sorted(moved.items(), key=lambda kv: int(kv[0])))
+        lines.append(f"- **MLP blocks moved** (attention and MLP blocks removed in pairs; kept layer ← the removed "
+                     f"layer whose MLP it now has): {pairs}.")
     params = plan.get("params") or {}
     if params.get("removed_fraction") is not None:
         lines.append(f"- Parameters: {params['total_after']:,} of {params['total_before']:,} "
