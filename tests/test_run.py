@@ -173,8 +173,8 @@ def test_sigterm_to_a_run_stops_its_stage_process_too(tmp_path):
     import sys
     import time
 
-    script = ("import time; from pathlib import Path; from gradpruner.pipeline.run import _in_child; "
-              f"_in_child(time.sleep, (120,), {{}}, Path({str(tmp_path / 'r.json')!r}))")
+    script = ("import time; from pathlib import Path; from gradpruner.pipeline.isolate import in_child; "
+              f"in_child(time.sleep, (120,), {{}}, Path({str(tmp_path / 'r.json')!r}))")
     parent = subprocess.Popen([sys.executable, "-c", script])
     deadline = time.time() + 60
     while time.time() < deadline and not _children(parent.pid):

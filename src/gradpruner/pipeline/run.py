@@ -7,7 +7,6 @@ rerun resumes where an interrupted run stopped and a changed key reruns exactly 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,6 +20,7 @@ from gradpruner.data.tasks import SPLIT_SEED
 from gradpruner.measure.costs import flops_per_token, latency, measure, param_counts
 from gradpruner.models.card import add_results
 from gradpruner.pipeline.config import RunConfig, dump_config, section_dict
+from gradpruner.pipeline.isolate import in_child
 from gradpruner.scoring.variants import needs_target
 from gradpruner.util.atomic import atomic_file, read_json, write_json
 
@@ -188,7 +188,7 @@ class Run:
         fresh = not started.is_file() or json.loads(started.read_text()).get("key") != self.keys[stage]
         write_json(started, {"key": self.keys[stage]})
         if self.isolate:
-            result, usage = _in_child(fn, args, {**kwargs, "fresh": fresh}, self.stages_dir / f".{stage}.result.json")
+            result, usage = in_child(fn, args, {**kwargs, "fresh": fresh}, self.stages_dir / f".{stage}.result.json")
         else:
             with measure() as u:
                 result = fn(*args, fresh=fresh, **kwargs)
@@ -198,68 +198,6 @@ class Run:
         self._link(stage, rels)
         self.echo(f"    {stage}: {usage['seconds']:.0f} s, peak RSS {usage['peak_rss_mb']:.0f} MiB")
         return result
-
-
-def _child_main(fn, args, kwargs, result_path: str) -> None:
-    """Run one stage in a fresh process, so its peak memory is its own and nothing lingers."""
-    import resource
-
-    from gradpruner.errors import GradPrunerError
-
-    try:
-        with measure() as u:
-            result = fn(*args, **kwargs)
-        usage = u.as_dict()
-        usage["peak_rss_mb"] = round(max(usage["peak_rss_mb"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), 1)
-        write_json(result_path, {"result": result, "usage": usage})
-    except GradPrunerError as exc:
-        write_json(result_path, {"error": exc.problems})
-
-
-@contextlib.contextmanager
-def _terminate_on_sigterm():
-    """While a stage process runs, SIGTERM to this one raises SystemExit here, so the stage process is
-    stopped too instead of running on alone (``kill PID``, a job scheduler's time limit)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _in_child(fn, args, kwargs, result_path: Path):
-    import multiprocessing
-
-    from gradpruner.errors import GradPrunerError
-
-    result_path.unlink(missing_ok=True)
-    proc = multiprocessing.get_context("spawn").Process(target=_child_main, args=(fn, args, kwargs, str(result_path)))
-    proc.start()
-    with _terminate_on_sigterm():
-        try:
-            proc.join()
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or a SIGTERM to this process (kill, a scheduler)
-            proc.terminate()
-            proc.join()
-            raise
-    if not result_path.is_file():
-        raise GradPrunerError(f"Stage process stopped with exit code {proc.exitcode} before finishing; "
-                              "see the messages above, then rerun (finished stages are kept).")
-    out = json.loads(result_path.read_text())
-    result_path.unlink()
-    if "error" in out:
-        raise GradPrunerError(*out["error"])
-    return out["result"], out["usage"]
 
 
 # --- stages -----------------------------------------------------------------------------------
