@@ -95,6 +95,16 @@ def test_results_without_checkpoints_are_not_recomputed(tiny_llama, tmp_path, on
     assert _stages_run(log) == ["prune", "pruned_ft", "eval_pruned_ft"]  # dense fine-tune not rebuilt
     assert "## Measured results" in (d / "pruned_ft" / "README.md").read_text()
 
+    # the IGIA factors are not committed either: a merge that needs them scores again, the rest is kept
+    (d / "scores" / "igia.safetensors").unlink()
+    for folder in ("pruned", "pruned_ft"):
+        shutil.rmtree(d / folder)
+    (d / "eval" / "pruned_ft.json").unlink()
+    log.clear()
+    run(load_config(path), echo=log.append, isolate=False)
+    assert _stages_run(log) == ["score", "prune", "pruned_ft", "eval_pruned_ft"]
+    assert (d / "scores" / "igia.safetensors").is_file()
+
 
 def test_interrupted_run_resumes_where_it_stopped(tiny_llama, tmp_path, monkeypatch, one_thread):
     from gradpruner.pipeline import run as pipeline

@@ -21,6 +21,7 @@ from gradpruner.measure.costs import flops_per_token, latency, measure, param_co
 from gradpruner.models.card import add_results
 from gradpruner.pipeline.config import RunConfig, dump_config, section_dict
 from gradpruner.pipeline.isolate import in_child
+from gradpruner.pruning.merging import needs_igia
 from gradpruner.scoring.variants import needs_target
 from gradpruner.util.atomic import atomic_file, read_json, write_json
 
@@ -77,6 +78,7 @@ class Run:
         self.reuse = [Path(p) for p in reuse]
         self.dir = Path(cfg.out)
         self.stages_dir = self.dir / "stages"
+        self.requires: dict[str, list[str]] = {}  # stage -> more outputs it counts as done only with
         self.stages_dir.mkdir(parents=True, exist_ok=True)
         data = {"model": cfg.model, "task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data,
                 "data_dir": cfg.data_dir, "seed": cfg.seed}
@@ -165,8 +167,9 @@ class Run:
             return False
 
     def finished(self, stage: str, rels: list[str]) -> bool:
-        """Whether ``stage`` is recorded with this key and its first output exists."""
-        return self.done(stage, [self.place(stage, rels[0])])
+        """Whether ``stage`` is recorded with this key and its first output exists, and the outputs in
+        ``requires`` (files a later stage reads that results are committed without) too."""
+        return self.done(stage, [self.place(stage, rel) for rel in [rels[0], *self.requires.get(stage, ())]])
 
     def show(self, stage: str, rels: list[str]) -> None:
         """A stage nothing needs now: show its record (and whatever outputs exist) in the run folder."""
@@ -179,7 +182,7 @@ class Run:
 
         ``rels`` are the stage's outputs relative to the run folder; the first must exist for the
         stage to count as done. ``fn``'s arguments name the paths from ``place``."""
-        if self.done(stage, [self.place(stage, rels[0])]) or self._adopt(stage, rels):
+        if self.finished(stage, rels) or self._adopt(stage, rels):
             self.echo(f"  ✓ {stage}: up to date, skipped" + (" (shared)" if self.store else ""))
             self._link(stage, rels)
             return read_json(self.record(stage), "Stage record").get("result")
@@ -361,6 +364,8 @@ def run(cfg: RunConfig, echo=print, isolate: bool = True, store: str | Path | No
         if model is not None:
             rel = f"eval/{name}.json"
             steps.append((f"eval_{name}", [rel], _evaluate, (cfg, model, at(f"eval_{name}", rel)), reads[name]))
+    if cfg.plan.merge and needs_igia(cfg.prune.merge_rule):  # the merges read the factors beside the scores
+        r.requires["score"] = ["scores/igia.safetensors"]
     outputs = {s: rels for s, rels, *_ in steps}
     needed = needed_stages({s: i for s, _, _, _, i in steps}, lambda s: r.finished(s, outputs[s]), need)
     for stage, rels, fn, args, _ in steps:
