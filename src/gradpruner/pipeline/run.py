@@ -144,7 +144,8 @@ class Run:
                 data = json.loads(rec.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
-            if data.get("key") != self.keys[stage] or not (folder / rels[0]).exists():
+            if data.get("key") != self.keys[stage] or not all((folder / rel).exists()
+                                                                for rel in [rels[0], *self.requires.get(stage, ())]):
                 continue
             for rel in rels:
                 if (folder / rel).exists():
