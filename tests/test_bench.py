@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from gradpruner.cli import main
+from gradpruner.models.runtime import RuntimeConfig
 from gradpruner.measure.bench import alternate, bench_models
 from gradpruner.measure.costs import analytic_costs, flops_per_token, param_counts
 from gradpruner.models.loading import (
@@ -112,7 +113,7 @@ def test_alternate_interleaves_after_warmup():
 
 def test_bench_models_reports_every_field(tiny_llama, pruned_dir):
     res = bench_models(tiny_llama, pruned_dir, seqs=[16], batches=[1, 2], reps=1, warmup=1, new_tokens=2,
-                       train_batch=2, train_seq=16, device="cpu")
+                       train_batch=2, train_seq=16, runtime=RuntimeConfig(device="cpu"))
     rows = res["rows"]
     expected = {("size", "parameters, total"), ("size", "parameters, decoder layers"), ("size", "parameters, embedding"),
                 ("compute", "MACs per token (forward)"), ("compute", "FLOPs per token (forward)"),
@@ -135,6 +136,7 @@ def test_bench_models_reports_every_field(tiny_llama, pruned_dir):
     assert by["train", "full step time", "b2 s16"]["predicted"] == pytest.approx(
         by["compute", "FLOPs per token (forward)", "s16"]["ratio"])
     assert res["settings"]["device"] == "cpu" and res["settings"]["dtype"] == "float32"
+    assert res["runtime"] == {"device": "cpu", "dtype": "float32"}
 
 
 def test_cli_writes_json_and_table(tiny_llama, pruned_dir, tmp_path, capsys):

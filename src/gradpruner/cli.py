@@ -13,6 +13,7 @@ from gradpruner.errors import GradPrunerError
 from gradpruner.evaluation.config import EvalConfig
 from gradpruner.finetuning.config import FinetuneConfig
 from gradpruner.healing.config import HealConfig
+from gradpruner.models.runtime import RuntimeConfig
 from gradpruner.pipeline.config import SearchConfig
 from gradpruner.planning.config import DEFAULT_PRUNE, PlanConfig
 from gradpruner.pruning.config import PruneConfig
@@ -22,8 +23,17 @@ from gradpruner.util.options import add_options, defaults, from_args
 
 def _add_model(p, required=True):
     p.add_argument("--model", required=required, help="local HF folder, .gguf file, alias (smollm2-135m, gemma3-270m) or Hub id")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow code shipped with the model to run (off by default)")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights (can run code; safetensors only by default)")
+    _add_runtime(p)
+
+
+def _add_runtime(p) -> None:
+    """The same runtime flags (device, dtype, attention kernel, what loading trusts) on every command that
+    holds a model."""
+    add_options(p.add_argument_group("runtime (where models run)"), RuntimeConfig)
+
+
+def _runtime(args) -> RuntimeConfig:
+    return from_args(RuntimeConfig, args)
 
 
 def _add_out(p, help_text):
@@ -41,6 +51,20 @@ def _add_data(p, required: bool) -> None:
                      "fingpt_sentiment, billsum")
     src.add_argument("--data", help='JSONL file of {"prompt","completion"} or {"text"} lines')
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
+
+
+def _add_runtime_overrides(p) -> None:
+    """The runtime flags for commands driven by a config: a flag typed overrides the config's runtime:
+    section (runtime.device=…), a flag not typed leaves it in force."""
+    add_options(p.add_argument_group("runtime (where models run; overrides the config's runtime: section)"),
+                RuntimeConfig, given_only=True)
+
+
+def _runtime_overrides(args) -> list[str]:
+    import json
+    from dataclasses import fields
+
+    return [f"runtime.{f.name}={json.dumps(getattr(args, f.name))}" for f in fields(RuntimeConfig) if hasattr(args, f.name)]
 
 
 def _methods_epilog() -> str:
@@ -69,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="choose layers to drop and merge from scores.json (plan.json)")
     p.add_argument("--scores", required=True, help="scores.json written by `gradpruner score`")
     p.add_argument("--model", help="the model the scores came from: --target-latency and --target-memory measure it")
+    _add_runtime(p)
     add_options(p, PlanConfig)
     p.set_defaults(prune=None)  # so that a target alone is not mixed with the default count
     _add_out(p, "plan.json to write")
@@ -119,10 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     ru = sub.add_parser("run", help="the whole pipeline from one YAML config (see docs/config.md)")
     ru.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     ru.add_argument("overrides", nargs="*", help="key=value overrides, e.g. finetune.max_steps=50")
+    _add_runtime_overrides(ru)
 
     c = sub.add_parser("compare", help="a grid of runs (methods × tasks or an ablation) and its comparison table")
     c.add_argument("config", help="compare config, e.g. experiments/methods_and_ablations/compare_methods.yaml (see docs/commands.md#compare)")
     c.add_argument("overrides", nargs="*", help="key=value overrides applied to every cell")
+    _add_runtime_overrides(c)
     c.add_argument("--dry-run", action="store_true", help="validate the grid and list its cells, run nothing")
     c.add_argument("--table-only", action="store_true", help="rewrite the table from the cells finished so far, run nothing")
 
@@ -136,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--eval-data", help="held-out JSONL with --data; the validation slice is its last lines")
     sr.add_argument("--data-dir", help=DATA_DIR_HELP)
     sr.add_argument("--out", help="search folder: search.md, search.png, curve.csv, search.json, plan.json")
+    _add_runtime_overrides(sr)
     add_options(sr.add_argument_group("search"), SearchConfig)
 
     se = sub.add_parser("sensitivity", help="how soon a layer ranking settles (paper Fig. 2): igia or full_grad scores.json")
@@ -159,8 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rank", type=int, default=8, help="LoRA rank of the training step (default 8)")
     for part in ("inference", "memory", "train"):
         b.add_argument(f"--skip-{part}", action="store_true", help=f"do not measure {part}")
-    b.add_argument("--device", default="auto", help="auto (cuda if available, default), cpu or cuda")
-    b.add_argument("--dtype", default="auto", help="float32 (default on CPU), bfloat16 (default on CUDA) or float16")
     b.add_argument("--out", help="folder for bench.json and bench.md")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -188,8 +214,7 @@ def _run(args) -> int:
     if args.command == "score":
         res = api.score(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir,
                         config=from_args(ScoreConfig, args), seed=args.seed, target=args.prune,
-                        overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                        allow_pickle=args.allow_pickle)
+                        overwrite=args.overwrite, runtime=_runtime(args))
         from gradpruner.report.plots import score_bars
 
         print(score_bars(res["layer_scores"]))
@@ -202,7 +227,7 @@ def _run(args) -> int:
         given = vars(from_args(PlanConfig, args))
         if given["prune"] is None:  # not given: the API applies the default count unless target_params is given
             del given["prune"]
-        res = api.plan(args.scores, args.out, model=args.model, overwrite=args.overwrite, **given)
+        res = api.plan(args.scores, args.out, model=args.model, overwrite=args.overwrite, runtime=_runtime(args), **given)
         print(plan_summary(res))
         if "target" in res:
             t = res["target"]
@@ -212,14 +237,14 @@ def _run(args) -> int:
     elif args.command == "prune":
         res = api.prune(args.model, args.plan, args.out, igia=args.igia, config=from_args(PruneConfig, args),
                         heal=args.heal, task=args.task, data=args.data, data_dir=args.data_dir, overwrite=args.overwrite,
-                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                        runtime=_runtime(args))
         if "heal" in res:
             print(_heal_summary(res["heal"]))
         print(f"wrote {args.out}")
     elif args.command == "heal":
         res = api.heal(args.model, args.pruned, args.out, args.plan, task=args.task, data=args.data,
                        data_dir=args.data_dir, config=from_args(HealConfig, args), overwrite=args.overwrite,
-                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                       runtime=_runtime(args))
         print(_heal_summary(res))
         print(f"wrote {args.out}")
     elif args.command == "finetune":
@@ -227,7 +252,7 @@ def _run(args) -> int:
 
         rec = finetune(args.model, args.out, task=args.task, data=args.data, data_dir=args.data_dir,
                        config=from_args(FinetuneConfig, args), resume=args.resume, overwrite=args.overwrite,
-                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                       runtime=_runtime(args))
         print(f"wrote {args.out} ({rec['optimizer_steps']} optimizer steps, {rec['wall_seconds']:.0f} s, "
               f"final loss {rec['final_loss']:.4f})")
     elif args.command == "eval" and args.harness:
@@ -242,7 +267,8 @@ def _run(args) -> int:
         if args.out:
             check_output(args.out, args.overwrite)
         res = run_harness(resolve_model(args.model), [t.strip() for t in args.harness.split(",") if t.strip()],
-                          limit=args.limit, batch_size=args.batch_size, include=args.harness_include)
+                          limit=args.limit, batch_size=args.batch_size, include=args.harness_include,
+                          runtime=_runtime(args))
         if args.out:
             save_harness(res, args.out)
         print(format_harness(res) + (f"\nwrote {args.out}" if args.out else ""))
@@ -251,8 +277,7 @@ def _run(args) -> int:
 
         res = evaluate(args.model, task=args.task, data=args.data, data_dir=args.data_dir,
                        config=from_args(EvalConfig, args), train_data=args.train_data, seed=args.seed,
-                       details=args.details, out=args.out, overwrite=args.overwrite,
-                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                       details=args.details, out=args.out, overwrite=args.overwrite, runtime=_runtime(args))
         extra = ", ".join(f"{k} {v:.4f}" for k, v in res["metrics"].items() if isinstance(v, (int, float)))
         print(f"{res['task'] or res['data']}: {res['metric']} = {res['value']:.4f} on {res['n']} items; {extra}"
               + (f"; wrote {args.out}" if args.out else ""))
@@ -260,7 +285,7 @@ def _run(args) -> int:
         from gradpruner.pipeline.config import load_config
         from gradpruner.pipeline.run import run
 
-        run(load_config(args.config, args.overrides))
+        run(load_config(args.config, args.overrides + _runtime_overrides(args)))
     elif args.command == "compare":
         from gradpruner.pipeline.compare import (
             load_grid,
@@ -270,13 +295,13 @@ def _run(args) -> int:
         )
 
         if args.table_only:
-            out, cells = load_grid(args.config, args.overrides)
+            out, cells = load_grid(args.config, args.overrides + _runtime_overrides(args))
             print(f"wrote {write_table(out, cells, reference_of(args.config))}")
         elif args.dry_run:
-            out, cells = load_grid(args.config, args.overrides)
+            out, cells = load_grid(args.config, args.overrides + _runtime_overrides(args))
             print("\n".join(f"  {Path(cfg.out).name}" for _, cfg in cells) + f"\n{len(cells)} cells -> {out}")
         else:
-            print(f"wrote {run_grid(args.config, args.overrides)}")
+            print(f"wrote {run_grid(args.config, args.overrides + _runtime_overrides(args))}")
     elif args.command == "search":
         from gradpruner.pipeline.config import load_config
         from gradpruner.pipeline.search import search
@@ -292,9 +317,8 @@ def _run(args) -> int:
         res = bench_models(args.model, args.pruned, seqs=args.seq, batches=args.batch, reps=args.reps,
                            warmup=args.warmup, new_tokens=args.new_tokens, train_batch=args.train_batch,
                            train_seq=args.train_seq, rank=args.rank,
-                           parts=[p for p in PARTS if not getattr(args, f"skip_{p}")], device=args.device,
-                           dtype=args.dtype, out=args.out, overwrite=args.overwrite,
-                           trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+                           parts=[p for p in PARTS if not getattr(args, f"skip_{p}")], runtime=_runtime(args),
+                           out=args.out, overwrite=args.overwrite)
         print(format_table(res))
         if args.out:
             print(f"wrote {args.out}")
@@ -329,7 +353,7 @@ def _search_overrides(args) -> list[str]:
         out.append("out=runs/search")
     given = vars(from_args(SearchConfig, args))
     out += [f"search.{k}={json.dumps(v)}" for k, v in given.items() if v != defaults(SearchConfig)[k]]
-    return out + list(args.overrides)
+    return out + list(args.overrides) + _runtime_overrides(args)
 
 
 def _heal_summary(res: dict) -> str:

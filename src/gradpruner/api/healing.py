@@ -16,6 +16,7 @@ from gradpruner.models.loading import (
     load_tokenizer,
     resolve_model,
 )
+from gradpruner.models.runtime import resolve as resolve_runtime
 from gradpruner.planning import plans as planning
 from gradpruner.util import options
 from gradpruner.util.atomic import atomic_dir, check_output, read_json
@@ -24,7 +25,7 @@ from gradpruner.util.versions import versions
 
 def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path | dict, task: str | None = None,
          data: str | Path | None = None, data_dir: str | Path | None = None, config: HealConfig | None = None, *,
-         overwrite: bool = False, trust_remote_code: bool = False, allow_pickle: bool = False, **settings) -> dict:
+         overwrite: bool = False, runtime=None, **settings) -> dict:
     """Heal a pruned model against its dense original and save a standard checkpoint with heal.json to ``out``.
 
     The settings are the fields of ``HealConfig`` (``rule``, ``objective``, ``tokens``, ``alpha``,
@@ -32,6 +33,8 @@ def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path
     ``pruned`` from ``model_dense``. For every run of removed layers with a kept layer before it, a
     linear map fitted on task training examples is folded into that layer's down_proj (ReplaceMe; see
     ``healing.rules``); heal.json records each cut's hidden-state error and the held-out loss before and after.
+    Both models run on ``runtime``'s device (default auto): the dense one in its dtype (forward passes
+    only), the pruned one, whose weights are fitted, in float32.
     """
     from gradpruner.healing.config import config_problems
     from gradpruner.healing.heal import heal_model, make_batches, split_features
@@ -42,10 +45,12 @@ def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         check(lookup, HEAL_RULES, c.rule, "heal rule")
         check.problems.extend(config_problems(c))
+        rt = check(resolve_runtime, runtime)
+        trust, pickle = (rt.trust_remote_code, rt.allow_pickle) if rt is not None else (False, False)
         dense = check(resolve_model, model_dense)
-        dense_config = check(check_model, dense, trust_remote_code, allow_pickle) if dense is not None else None
+        dense_config = check(check_model, dense, trust, pickle) if dense is not None else None
         small = check(resolve_model, pruned)
-        small_config = check(check_model, small, trust_remote_code, allow_pickle) if small is not None else None
+        small_config = check(check_model, small, trust, pickle) if small is not None else None
         raw_plan = plan if isinstance(plan, dict) else check(read_plan, plan)
         the_plan = None if raw_plan is None else check(
             planning.validate_plan, raw_plan, dense_config.num_hidden_layers if dense_config is not None else None)
@@ -54,19 +59,18 @@ def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path
         inputs = tuple(p for p in (dense, small) if isinstance(p, Path))
         check(check_output, out, overwrite, inputs=inputs)
         examples = check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
-    dense_model = load_model(dense, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    small_model = load_model(small, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    tok = load_tokenizer(small, trust_remote_code)
+    dense_model = load_model(dense, rt)
+    small_model = load_model(small, rt, dtype=torch.float32)  # the weights a heal rule fits
+    tok = load_tokenizer(small, rt.trust_remote_code)
     fit, held = split_features(tokenize(examples, tok, max_length=c.max_length), c.calib_examples, c.heldout_examples)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dense_model.to(device)
-    small_model.to(device)
+    device = rt.device
     report = heal_model(dense_model, small_model, the_plan["keep"], make_batches(fit, tok.pad_token_id, c.batch_size, device),
                         make_batches(held, tok.pad_token_id, c.batch_size, device), c)
     del dense_model
     report.update({"model": str(dense), "base_model": base_model(model_dense), "pruned": str(small), "task": task,
                    "data": str(data) if data else None,
-                   "plan": {k: the_plan[k] for k in ("num_layers", "keep", "drop")}, "versions": versions()})
+                   "plan": {k: the_plan[k] for k in ("num_layers", "keep", "drop")},
+                   "runtime": {**rt.record(), "pruned_dtype": "float32"}, "versions": versions()})
     extra = {"heal.json": report}
     if isinstance(small, Path) and (small / "gradpruner.json").is_file():
         extra["gradpruner.json"] = read_json(small / "gradpruner.json", "Prune record")

@@ -13,10 +13,12 @@ from gradpruner.models.loading import (
     check_model,
     load_config,
     load_model,
+    meta_model,
     resolve_model,
 )
 from gradpruner.planning import blocks as planning_blocks
 from gradpruner.planning import plans as planning
+from gradpruner.models.runtime import resolve as resolve_runtime
 from gradpruner.planning.config import PlanConfig
 from gradpruner.scoring.igia import IGIA_SCORES
 from gradpruner.util import options
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, *, model: str | None = None,
-         overwrite: bool = False, **settings) -> dict:
+         overwrite: bool = False, runtime=None, **settings) -> dict:
     """Choose the layers to remove and to merge from a scores file and write plan.json.
 
     The settings are the fields of ``PlanConfig`` (``prune`` or ``target_params``, ``merge``, ``rule``,
@@ -34,7 +36,8 @@ def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, 
     lowest-scoring layers are removed; of those, the M highest-scoring are merged into the nearest
     preceding kept layer. With ``granularity="hidden"`` (paper Appendix D) the same parameter budget
     is taken from the residual-stream width instead of from whole layers (see ``pruning.width``).
-    ``target_latency`` and ``target_memory`` are measured on ``model`` (the model the scores came from)."""
+    ``target_latency`` and ``target_memory`` are measured on ``model`` (the model the scores came from),
+    latency where ``runtime`` says (device and dtype; default auto)."""
     c = options.settings(PlanConfig, config, settings, "plan setting")
     targets = ("target_params", "target_latency", "target_memory")
     if any(settings.get(t) is not None for t in targets) and "prune" not in settings:
@@ -66,7 +69,7 @@ def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, 
         prune = planning.layers_for_target(layer_scores, data["layer_params"], data["total_params"], target_params)
     measured = None
     if prune is None:  # a measured target
-        prune, measured = _measured_target(c, model, layer_scores, data)
+        prune, measured = _measured_target(c, model, layer_scores, data, runtime)
     result = planning.make_plan(layer_scores, prune, merge, data.get("layer_params"), data.get("total_params"),
                                 protect_last=protect_last, max_block=max_block)
     if granularity == "hidden":
@@ -82,16 +85,18 @@ def plan(scores: str | Path, out: str | Path, config: PlanConfig | None = None, 
     return result
 
 
-def _measured_target(c: PlanConfig, model: str, layer_scores: list[float], data: dict) -> tuple[int, dict]:
+def _measured_target(c: PlanConfig, model: str, layer_scores: list[float], data: dict, runtime) -> tuple[int, dict]:
     """How many layers a latency or memory target needs, measured on ``model``: (count, what was measured)."""
     import copy
 
     from gradpruner.measure import targets
     from gradpruner.pruning.surgery import remove_layers
 
+    rt = resolve_runtime(runtime)
     source = resolve_model(model)
-    config = check_model(source)
-    dense = load_model(source)
+    config = check_model(source, rt.trust_remote_code, rt.allow_pickle)
+    # a memory target needs shapes only: the model built on the meta device, no weights read
+    dense = load_model(source, rt) if c.target_latency is not None else meta_model(config)
     _, _, layers = architectures.find_decoder_layers(dense)
     if len(layers) != len(layer_scores):
         raise GradPrunerError(f"Model {model} has {len(layers)} decoder layers but the scores have {len(layer_scores)}; "
@@ -114,7 +119,7 @@ def _measured_target(c: PlanConfig, model: str, layer_scores: list[float], data:
 
     k, ratios = targets.layers_for_latency(dense, build, len(layers), c.target_latency, c.latency, echo=log.info)
     return k, {"kind": "latency", "latency": c.latency, "ratio_target": c.target_latency, "measured": ratios[k],
-               "ratios": {str(n): r for n, r in sorted(ratios.items())}}
+               "ratios": {str(n): r for n, r in sorted(ratios.items())}, "runtime": rt.record()}
 
 
 

@@ -18,6 +18,7 @@ from gradpruner.models.loading import (
     load_tokenizer,
     resolve_model,
 )
+from gradpruner.models.runtime import resolve as resolve_runtime
 from gradpruner.planning import plans as planning
 from gradpruner.pruning.config import PruneConfig
 from gradpruner.util import options
@@ -28,7 +29,7 @@ from gradpruner.util.versions import versions
 def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path | None = None,
           config: PruneConfig | None = None, *, heal: str | HealConfig | None = None, task: str | None = None,
           data: str | Path | None = None, data_dir: str | Path | None = None, overwrite: bool = False,
-          trust_remote_code: bool = False, allow_pickle: bool = False, **settings) -> dict:
+          runtime=None, **settings) -> dict:
     """Merge, remove layers and save a standard checkpoint to ``out``.
 
     ``heal`` (a heal rule's name, or a ``HealConfig``) other than ``none`` heals the pruned model in the
@@ -40,12 +41,13 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
     checkpoint shard by shard without loading the model (``pruning.streamed``; output shards of at
     most ``max_shard_size``), False loads it, None (the default) streams whenever the input allows it
     (a local safetensors folder with the model's own tensor names, no hidden-size pruning). Both
-    write the same tensors."""
+    write the same tensors. In memory, the model is held on ``runtime``'s device (default auto) in the
+    checkpoint's own dtype: pruning never changes a checkpoint's precision."""
     c = options.settings(PruneConfig, config, settings, "prune setting")
     healing = heal if isinstance(heal, HealConfig) or heal is None else HealConfig(rule=heal)
     if healing is not None and healing.rule != "none":
         return _prune_and_heal(model, plan, out, igia, c, healing, task=task, data=data, data_dir=data_dir,
-                               overwrite=overwrite, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+                               overwrite=overwrite, runtime=runtime)
     density, merge_rule, out_of_core, max_shard_size = c.density, c.merge_rule, c.out_of_core, c.max_shard_size
     from gradpruner.models.loading import save_model
     from gradpruner.pruning.merging import MERGE_RULES, check_density, needs_igia
@@ -55,9 +57,11 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
         check(lookup, MERGE_RULES, merge_rule, "merge rule")
         check(check_density, density)
         shard_bytes = check(parse_size, max_shard_size)
+        rt = check(resolve_runtime, runtime)
         source = check(resolve_model, model)
         raw_plan = plan if isinstance(plan, dict) else check(read_plan, plan)
-        model_config = check(check_model, source, trust_remote_code, allow_pickle) if source is not None else None
+        model_config = check(check_model, source, rt.trust_remote_code, rt.allow_pickle) \
+            if source is not None and rt is not None else None
         the_plan = None if raw_plan is None else check(
             planning.validate_plan, raw_plan, model_config.num_hidden_layers if model_config is not None else None)
         check(check_output, out, overwrite, inputs=(source if isinstance(source, Path) else None,))
@@ -79,15 +83,16 @@ def prune(model: str, plan: str | Path | dict, out: str | Path, igia: str | Path
             write_json(tmp / "gradpruner.json", meta)
             write_card(tmp)
         return meta
+    meta["runtime"] = rt.record()
     model_obj, tok, meta["merge_stats"] = _prune_in_memory(source, model_config, the_plan, factors, density, merge_rule,
-                                                           trust_remote_code, allow_pickle)
+                                                           rt)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_model(model_obj, tok, tmp, extra_files={"gradpruner.json": meta})
     return meta
 
 
 def _prune_and_heal(model, plan, out, igia, config: PruneConfig, healing: HealConfig, *, task, data, data_dir,
-                    overwrite: bool, trust_remote_code: bool, allow_pickle: bool) -> dict:
+                    overwrite: bool, runtime) -> dict:
     """Prune into a hidden folder beside ``out``, heal from it into ``out``, remove the folder."""
     import tempfile
 
@@ -103,11 +108,9 @@ def _prune_and_heal(model, plan, out, igia, config: PruneConfig, healing: HealCo
     parent = Path(out).absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=parent, prefix=f".{Path(out).name}.unhealed-") as tmp:
-        meta = prune(model, plan, Path(tmp) / "pruned", igia, config, trust_remote_code=trust_remote_code,
-                     allow_pickle=allow_pickle)
+        meta = prune(model, plan, Path(tmp) / "pruned", igia, config, runtime=runtime)
         meta["heal"] = heal(model, Path(tmp) / "pruned", out, plan, task=task, data=data, data_dir=data_dir,
-                            config=healing, overwrite=overwrite, trust_remote_code=trust_remote_code,
-                            allow_pickle=allow_pickle)
+                            config=healing, overwrite=overwrite, runtime=runtime)
     return meta
 
 
@@ -123,14 +126,12 @@ def _choose_streaming(out_of_core: bool | None, source, config, the_plan: dict) 
     return problem is None
 
 
-def _prune_in_memory(source, config, the_plan: dict, factors, density: float, merge_rule: str,
-                     trust_remote_code: bool, allow_pickle: bool):
+def _prune_in_memory(source, config, the_plan: dict, factors, density: float, merge_rule: str, rt):
     from gradpruner.pruning.merging import merge_layers
     from gradpruner.pruning.surgery import move_mlp_blocks, remove_layers
 
-    model_obj = load_model(source, dtype=getattr(config, "dtype", None) or torch.float32,
-                           trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    tok = load_tokenizer(source, trust_remote_code)
+    model_obj = load_model(source, rt, dtype=getattr(config, "dtype", None) or torch.float32)
+    tok = load_tokenizer(source, rt.trust_remote_code)
     stats = merge_layers(model_obj, the_plan["merge"], factors, density, merge_rule) if the_plan["merge"] else {}
     move_mlp_blocks(model_obj, the_plan.get("mlp_from") or {})
     remove_layers(model_obj, the_plan["keep"])

@@ -8,6 +8,7 @@ from gradpruner.data.tasks import SPLIT_SEED
 from gradpruner.errors import Collect, GradPrunerError, lookup
 from gradpruner.measure.costs import param_counts
 from gradpruner.models import architectures, experts
+from gradpruner.models.runtime import resolve as resolve_runtime
 from gradpruner.models.loading import (
     check_model,
     load_model,
@@ -48,15 +49,16 @@ def layer_param_counts(model) -> tuple[list[int], int]:
 
 def score(model: str, out: str | Path, task: str | None = None, data: str | Path | None = None,
           data_dir: str | Path | None = None, config: ScoreConfig | None = None, *, seed: int = 0,
-          target: int | None = None, overwrite: bool = False, trust_remote_code: bool = False,
-          allow_pickle: bool = False, **settings) -> dict:
+          target: int | None = None, overwrite: bool = False, runtime=None, **settings) -> dict:
     """Score every decoder layer and write scores.json (+ igia.safetensors for the IGIA methods).
 
     The settings are the fields of ``ScoreConfig`` (``method``, ``steps``, ``rank``, ``lr``, …): pass
     ``config`` or any of them as keywords. IGIA methods run T LoRA (or DoRA) optimizer steps; the
     other methods of ``scoring.methods.METHODS`` use ``calib_examples`` task examples (or none).
     ``target`` is the number of layers the plan will remove, which LaCo and the guard of
-    ``igia_guarded`` need (default: the plan's default count).
+    ``igia_guarded`` need (default: the plan's default count). ``runtime`` (a ``RuntimeConfig``, a
+    resolved ``Runtime`` or None for auto) says where the model runs and in which precision: the base
+    weights in its dtype, the LoRA factors in float32 with autocast (``models.runtime``).
     """
     from gradpruner.scoring.methods import METHODS, Context
     from gradpruner.scoring.variants import statistics, variant_scores
@@ -74,13 +76,14 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
         if (spec is not None and spec.trains) or steps_fraction is not None:
             steps = check(resolve_steps, steps, steps_fraction, planned_steps)
         check.problems.extend(_score_flag_problems(adapter, calib_examples, rank, batch_size, grad_accum, lr))
+        rt = check(resolve_runtime, runtime)
         source = check(resolve_model, model)
-        if source is not None:
-            check(check_model, source, trust_remote_code, allow_pickle)
+        if source is not None and rt is not None:
+            check(check_model, source, rt.trust_remote_code, rt.allow_pickle)
         check(check_output, out, overwrite, inputs=(source if isinstance(source, Path) else None,))
         examples = check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
-    base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-    tok = load_tokenizer(source, trust_remote_code)
+    base = load_model(source, rt)
+    tok = load_tokenizer(source, rt.trust_remote_code)
     features = tokenize(examples, tok, max_length=max_length)
     layer_params, total_params = layer_param_counts(base)
     prefix = architectures.decoder_layer_prefix(base)
@@ -94,7 +97,8 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
         "max_length": max_length, "seed": seed, "lora_dropout": lora_dropout, "max_grad_norm": max_grad_norm,
         "method": method, "adapter": adapter, "calib_examples": calib_examples,
         "train_examples": len(features), "layer_prefix": prefix, "layer_params": layer_params,
-        "total_params": total_params, "model_type": base.config.model_type, "versions": versions(),
+        "total_params": total_params, "model_type": base.config.model_type, "runtime": rt.record(),
+        "versions": versions(),
     }
     if distributed.world_size() > 1:
         meta["processes"] = distributed.world_size()
@@ -104,14 +108,14 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
         if spec.lora_steps:  # igia, igia_norm and the IGIA variants: the LoRA proxy with gradient capture
             stats = None
             if spec.kind == "variant" and tmp is not None:  # measured on the model as given, before any step
-                stats = statistics(method, Context(base, tok, features, seed=seed, calib_examples=calib_examples,
+                stats = statistics(method, Context(base, tok, features, runtime=rt, seed=seed, calib_examples=calib_examples,
                                                    batch_size=batch_size, target=target, options=options_))
             cb = IGIACallback(tmp or Path(out), steps=steps, module_layer=module_layer, num_layers=len(layer_params),
                               meta=meta)
             _train_lora(base, tok, features, names, cb, steps=steps, rank=rank, alpha=alpha, lr=lr,
                         batch_size=batch_size, grad_accum=grad_accum, seed=seed, dropout=lora_dropout,
                         max_grad_norm=max_grad_norm, adapter=adapter, work_dir=tmp / ".trainer" if tmp else None,
-                        parameters=params)
+                        parameters=params, runtime=rt)
             if tmp is None:
                 return None
             result = read_json(tmp / "scores.json", "Scores file")
@@ -122,7 +126,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
             else:
                 result["layer_scores"] = result["layer_scores_by_rule"][method]
         else:
-            ctx = Context(base, tok, features, seed=seed, calib_examples=calib_examples, batch_size=batch_size,
+            ctx = Context(base, tok, features, runtime=rt, seed=seed, calib_examples=calib_examples, batch_size=batch_size,
                           steps=steps, lr=lr, target=target, options=options_)
             result = {**meta, "num_layers": len(layer_params), "steps": steps if spec.trains else 0, **spec.fn(ctx)}
             if tmp is None:
@@ -159,7 +163,7 @@ def _score_flag_problems(adapter, calib_examples, rank, batch_size, grad_accum, 
 
 
 def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr, batch_size, grad_accum,
-                seed, dropout, max_grad_norm, work_dir, adapter="lora", parameters=None) -> None:
+                seed, dropout, max_grad_norm, work_dir, adapter="lora", parameters=None, runtime=None) -> None:
     """Attach LoRA to every listed linear module (and fused expert parameter) and train ``steps``
     optimizer steps with ``callback``."""
     from transformers import set_seed
@@ -172,6 +176,6 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
                         target_parameters=parameters)
     try:
         train_steps(model, tok, features, callback, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
-                    lr=lr, seed=seed, max_grad_norm=max_grad_norm, work_dir=work_dir, progress=True)
+                    lr=lr, seed=seed, max_grad_norm=max_grad_norm, work_dir=work_dir, progress=True, runtime=runtime)
     finally:
         model.unload()  # leave the base model as it was

@@ -239,8 +239,7 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
              split: str = "eval", data_dir: str | os.PathLike | None = None, seed: int = 0,
              config: EvalConfig | None = None, train_data: str | os.PathLike | None = None,
              train_examples_guard: bool = True, details: bool = False, item_scores: bool = False, progress: bool = True,
-             out: str | os.PathLike | None = None, overwrite: bool = False,
-             trust_remote_code: bool = False, allow_pickle: bool = False, **settings) -> dict:
+             out: str | os.PathLike | None = None, overwrite: bool = False, runtime=None, **settings) -> dict:
     """Evaluate ``model`` on a task's held-out split, a file of a task's rows, or a prompt/completion file.
 
     ``model`` is a loaded causal LM (then ``tokenizer`` is required) or anything ``resolve_model``
@@ -254,7 +253,9 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     left out and counted, and evaluating on a train split is refused. ``details`` adds per-item
     log-likelihoods or generations. ``item_scores`` adds the headline metric of every item, by item id,
     for paired comparisons (``stats.paired_scores``; docs/evaluation.md). ``out`` (checked before any work) receives the result as JSON.
-    ``trust_remote_code`` / ``allow_pickle`` apply when ``model`` is loaded here.
+    ``runtime`` (a ``RuntimeConfig``, a resolved ``Runtime`` or None for auto: the GPU in bfloat16 where
+    there is one) says where and in which precision a model named by path is loaded; a loaded model is
+    evaluated where it is. The result's ``runtime`` says the device and dtype that were used.
 
     The settings (``limit``, ``offset``, ``batch_size``, ``metric``, ``max_new_tokens``, ``max_length``,
     ``encoder``) are the fields of ``EvalConfig``: pass ``config`` or any of them as keywords.
@@ -270,6 +271,8 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
         load_tokenizer,
         resolve_model,
     )
+    from gradpruner.models.runtime import describe
+    from gradpruner.models.runtime import resolve as resolve_runtime
     from gradpruner.util.atomic import check_output
 
     with Collect() as check:  # every problem with the inputs, in one message, before any work
@@ -279,9 +282,10 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
         if out is not None:
             check(check_output, out, overwrite)
         by_name = isinstance(model, (str, os.PathLike))
+        rt = check(resolve_runtime, runtime) if by_name else None
         resolved = check(resolve_model, model) if by_name else None
-        if resolved is not None:
-            check(check_model, resolved, trust_remote_code, allow_pickle)
+        if resolved is not None and rt is not None:
+            check(check_model, resolved, rt.trust_remote_code, rt.allow_pickle)
         elif not by_name and tokenizer is None:
             check.problems.append("evaluate() got a loaded model but no tokenizer; pass the tokenizer too.")
         has_rows = spec is not None or (task is None and data is not None)
@@ -296,12 +300,13 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     rows = rows[offset:]
     rows = rows[:limit] if limit else rows
     if by_name:
-        model = load_model(resolved, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        tokenizer = tokenizer or load_tokenizer(resolved, trust_remote_code=trust_remote_code)
+        model = load_model(resolved, rt)
+        tokenizer = tokenizer or load_tokenizer(resolved, trust_remote_code=rt.trust_remote_code)
 
     t0 = time.perf_counter()
     result = {"task": task or "jsonl", "data": str(data) if data is not None else None, "source": source,
-              "model": model_name, "metric": chosen, "higher_is_better": M.HIGHER_IS_BETTER[chosen]}
+              "model": model_name, "metric": chosen, "higher_is_better": M.HIGHER_IS_BETTER[chosen],
+              "runtime": rt.record() if by_name else describe(model)}
     if spec is None:
         per_item, extra = _eval_file(model, tokenizer, rows, batch_size, max_length, progress)
     elif spec.to_choices:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from gradpruner.errors import GradPrunerError
+from gradpruner.models.runtime import resolve
 
 
 def _lm_eval():
@@ -25,8 +26,11 @@ def _lm_eval():
 
 
 def run_harness(model: str | Path, tasks: list[str], limit: int | None = None, batch_size: int = 8,
-                include: str | Path | None = None, device: str = "cpu", samples: bool = False) -> dict:
+                include: str | Path | None = None, runtime=None, samples: bool = False) -> dict:
     """Evaluate the model folder ``model`` on harness ``tasks``; {"tasks": {task: {metric: value}}, ...}.
+
+    The harness loads the model on ``runtime``'s device in its dtype (a ``RuntimeConfig``, a resolved
+    ``Runtime`` or None for auto), and the result records both.
 
     ``samples`` keeps the harness's per-item responses (log-likelihoods of every choice) under "samples"."""
     lm_eval, TaskManager = _lm_eval()
@@ -37,10 +41,12 @@ def run_harness(model: str | Path, tasks: list[str], limit: int | None = None, b
                               "or pass --harness-include DIR with the YAML of your own task.")
     if not Path(model).is_dir():
         raise GradPrunerError(f"--harness evaluates a model folder; {model} is not one (save the model first).")
-    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(model), "dtype": "float32"},
-                                  tasks=list(tasks), limit=limit, batch_size=batch_size, device=device,
+    rt = resolve(runtime)
+    res = lm_eval.simple_evaluate(model="hf", model_args=harness_model_args(model, rt), tasks=list(tasks),
+                                  limit=limit, batch_size=batch_size, device=str(rt.device),
                                   task_manager=manager, log_samples=samples)
     out = {"harness": f"lm-evaluation-harness {lm_eval.__version__}", "model": str(model), "limit": limit,
+           "runtime": rt.record(),
            "tasks": {t: {k.split(",")[0]: v for k, v in m.items() if isinstance(v, (int, float)) and "_stderr" not in k and k != "sample_len"
                          and not (isinstance(v, float) and math.isnan(v))}
                      for t, m in res["results"].items()}}
@@ -48,6 +54,14 @@ def run_harness(model: str | Path, tasks: list[str], limit: int | None = None, b
         out["samples"] = {t: [{"doc_id": s["doc_id"], "loglikelihoods": [float(r[0][0]) for r in s["resps"]]}
                               for s in rows] for t, rows in res["samples"].items()}
     return out
+
+
+def harness_model_args(model: str | Path, rt) -> dict:
+    """The harness's ``hf`` model arguments for a resolved runtime: the same precision, trust and kernel."""
+    args = {"pretrained": str(model), "dtype": rt.dtype_name, "trust_remote_code": rt.trust_remote_code}
+    if rt.attn_implementation:
+        args["attn_implementation"] = rt.attn_implementation
+    return args
 
 
 def format_harness(res: dict) -> str:

@@ -41,7 +41,6 @@ class FinetuneConfig:
     save_steps: int = opt(50, "checkpoint every N optimizer steps (and at the end)")
     logging_steps: int = opt(10, "a loss point every N optimizer steps")
     limit: int | None = opt(None, "train on the first K examples only")
-    bf16: bool | None = opt(None, "bf16 autocast (empty: on a GPU that supports it, off on CPU)")
     distill_from: str | None = opt(None, "teacher model whose logits join the loss", run=False)
     distill_alpha: float = opt(0.5, "weight of the distillation term (1 - alpha for the labels)")
     distill_temperature: float = opt(1.0, "softmax temperature of the distillation term")

@@ -39,6 +39,7 @@ from gradpruner.models.loading import (
     save_model,
 )
 from gradpruner.models.lora import attach_lora
+from gradpruner.models.runtime import resolve as resolve_runtime
 from gradpruner.util import distributed, options
 from gradpruner.util.atomic import atomic_dir, check_output, read_json, write_json
 from gradpruner.util.versions import versions
@@ -76,7 +77,6 @@ def validate_config(cfg: FinetuneConfig) -> FinetuneConfig:
         ("--save-steps", cfg.save_steps, _count(cfg.save_steps), "a whole number ≥ 1"),
         ("--logging-steps", cfg.logging_steps, _count(cfg.logging_steps), "a whole number ≥ 1"),
         ("--limit", cfg.limit, cfg.limit is None or _count(cfg.limit), "a whole number ≥ 1"),
-        ("bf16", cfg.bf16, cfg.bf16 in (None, True, False), "True, False or None (automatic)"),
         ("--distill-alpha", cfg.distill_alpha, _number(cfg.distill_alpha) and 0 <= cfg.distill_alpha <= 1, "a value in [0, 1]"),
         ("--distill-temperature", cfg.distill_temperature, _positive(cfg.distill_temperature), "a value > 0, e.g. 1 or 2"),
         ("--distill-cache", cfg.distill_cache, isinstance(cfg.distill_cache, bool), "true or false"),
@@ -150,13 +150,19 @@ def _provenance(source) -> dict[str, dict]:
 
 def finetune(model: str | Path, out: str | Path, task: str | None = None, data: str | Path | None = None,
              data_dir: str | Path | None = None, config: FinetuneConfig | None = None, *, resume: bool = False,
-             overwrite: bool = False, trust_remote_code: bool = False, progress: bool = True,
-             allow_pickle: bool = False, callbacks: tuple = (), **settings) -> dict:
+             overwrite: bool = False, progress: bool = True, runtime=None, callbacks: tuple = (),
+             **settings) -> dict:
     """Fine-tune ``model`` on ``task`` or a JSONL ``data`` file and save it to ``out``; returns finetune.json.
 
     ``resume`` continues from the last checkpoint in ``<out>.checkpoints`` (it starts fresh, saying so,
     when there is none). ``callbacks`` are extra ``TrainerCallback`` objects. The settings are the
     fields of ``FinetuneConfig``: pass ``config`` or any of them as keywords.
+
+    ``runtime`` (a ``RuntimeConfig``, a resolved ``Runtime`` or None for auto) says where training runs:
+    in LoRA mode the frozen base is held in the runtime's dtype and the adapters in float32; in the full
+    and last_layers modes the trained weights are float32. A bfloat16 or float16 runtime trains with
+    autocast in that precision. The saved weights keep the source checkpoint's precision (LoRA is merged
+    into a base loaded in it).
     """
     config = options.settings(FinetuneConfig, config, settings, "fine-tune setting")
     start = time.monotonic()
@@ -165,8 +171,10 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
         cfg = check(validate_config, config or FinetuneConfig())
         if cfg is not None:
             check(distributed.check_batch, cfg.batch_size, cfg.grad_accum)
+        rt = check(resolve_runtime, runtime)
         source = check(resolve_model, model)
-        model_config = check(check_model, source, trust_remote_code, allow_pickle) if source is not None else None
+        model_config = check(check_model, source, rt.trust_remote_code, rt.allow_pickle) \
+            if source is not None and rt is not None else None
         if cfg is not None and model_config is not None:
             check(_check_mode, cfg, model_config)
         ckpt, replace = check(_check_locations, out, source, resume, overwrite) or (None, False)
@@ -174,36 +182,35 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
     main = distributed.is_main()  # with several processes only process 0 writes
     if ckpt.exists() and not resume and main:  # only now that every input is fine: discard what --overwrite replaces
         shutil.rmtree(ckpt)
-    tok = load_tokenizer(source, trust_remote_code)
+    tok = load_tokenizer(source, rt.trust_remote_code)
     features = tokenize(examples[: cfg.limit], tok, max_length=cfg.max_length)
     run = {"config": dataclasses.asdict(cfg), "model": str(source), "task": task,
            "data": str(Path(data).resolve()) if data else None, "train_examples": len(features)}
     checkpoint = _resume_point(ckpt, run) if resume else None
-    save_dtype = getattr(model_config, "dtype", None)
-    base = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    save_dtype = _source_dtype(model_config)
+    rt.activate()
+    # the frozen LoRA base in the runtime's precision; weights that are trained in float32
+    base = load_model(source, rt, dtype=None if cfg.mode == "lora" else torch.float32)
     if main:
         ckpt.mkdir(parents=True, exist_ok=True)
         write_json(ckpt / RUN_FILE, run)
     try:
-        cache = _teacher_cache(cfg, ckpt, features, tok) if cfg.distill_from and cfg.distill_cache else None
+        cache = _teacher_cache(cfg, ckpt, features, tok, rt) if cfg.distill_from and cfg.distill_cache else None
         trained, trainer, trainable = _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks,
-                                             reload=lambda: load_model(source, trust_remote_code=trust_remote_code,
-                                                                       allow_pickle=allow_pickle),
-                                             cache=cache[0] if cache else None)
+                                             rt, reload=lambda dtype=None: load_model(source, rt, dtype=dtype),
+                                             save_dtype=save_dtype, cache=cache[0] if cache else None)
     except BaseException:
         if main and last_checkpoint(ckpt) is None:  # nothing to resume from: leave nothing behind
             shutil.rmtree(ckpt, ignore_errors=True)
         raise
-    record = _record(run, model, trainer, checkpoint, start)
+    record = _record(run, model, trainer, checkpoint, start, rt)
     record["trainable_params"] = trainable
     record["base_model"] = base_model(model)
     if cache is not None:
         record["teacher_cache"] = cache[1]
 
     def save() -> dict:
-        model = trained
-        if isinstance(save_dtype, torch.dtype) and save_dtype.is_floating_point and save_dtype != torch.float32:
-            model = model.to(save_dtype)  # trained in float32, saved in the source's precision
+        model = trained.to(save_dtype)  # saved in the source's precision
         with atomic_dir(out, overwrite=replace) as tmp:
             save_model(model, tok, tmp, extra_files={**_provenance(source), "finetune.json": record})
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -261,17 +268,20 @@ def _check_mode(cfg: FinetuneConfig, model_config) -> None:
                               f"use at most {n} (all of them trains every decoder layer and the final norm).")
 
 
-def _bf16(cfg: FinetuneConfig) -> bool:
-    cuda = torch.cuda.is_available()
-    return cfg.bf16 if cfg.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+def _source_dtype(model_config):
+    """The precision the source checkpoint stores (float32 when its config does not say)."""
+    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def _teacher_cache(cfg: FinetuneConfig, ckpt: Path, features: list[dict], tok) -> tuple[dict, dict]:
+def _teacher_cache(cfg: FinetuneConfig, ckpt: Path, features: list[dict], tok, rt) -> tuple[dict, dict]:
     """(cached top-k teacher logits, their record): process 0 reads the checkpoints folder's cache or
     builds it; the other processes then read the file it wrote."""
     teacher = resolve_model(cfg.distill_from)
-    args = (teacher_cache.cache_path(ckpt), teacher, lambda: load_model(teacher), features, cfg.distill_top_k,
-            distributed.per_device_batch(cfg.batch_size, cfg.grad_accum), tok.pad_token_id, _bf16(cfg))
+    args = (teacher_cache.cache_path(ckpt), teacher, lambda: load_model(teacher, rt), features, cfg.distill_top_k,
+            distributed.per_device_batch(cfg.batch_size, cfg.grad_accum), tok.pad_token_id)
     got = {}
 
     def main() -> dict:
@@ -288,25 +298,24 @@ def _peft_model(base, cfg: FinetuneConfig):
                        target_modules=architectures.linear_module_names(base))
 
 
-def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool):
+def _training_args(cfg: FinetuneConfig, ckpt: Path, progress: bool, rt):
     from transformers import TrainingArguments
 
-    cuda = torch.cuda.is_available()
-    bf16 = _bf16(cfg)
     return TrainingArguments(
         output_dir=str(ckpt), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
         per_device_train_batch_size=distributed.per_device_batch(cfg.batch_size, cfg.grad_accum),
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch", bf16=bf16,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
         logging_steps=cfg.logging_steps, logging_first_step=True, logging_nan_inf_filter=False,
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed,
-        report_to=[], remove_unused_columns=False, use_cpu=not cuda, dataloader_num_workers=0,
-        dataloader_pin_memory=cuda, disable_tqdm=not progress,
+        report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+        dataloader_pin_memory=rt.on_cuda, disable_tqdm=not progress, **rt.training_precision(),
     )
 
 
-def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks, reload=None, cache=None):
+def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks, rt, reload=None, save_dtype=None,
+           cache=None):
     """(trained plain model, trainer, trainable parameters) after training from scratch or from
     ``checkpoint``; under FSDP or DeepSpeed the model is whole on process 0 only (None elsewhere),
     rebuilt from ``reload()``. ``cache``: the teacher's cached top-k logits (then no teacher is loaded)."""
@@ -323,11 +332,11 @@ def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks,
         from gradpruner.finetuning.distill import DistillTrainer
 
         cls = DistillTrainer
-        teacher = None if cache is not None else load_model(resolve_model(cfg.distill_from))
+        teacher = None if cache is not None else load_model(resolve_model(cfg.distill_from), rt)
         extra = {"teacher": teacher, "alpha": cfg.distill_alpha, "temperature": cfg.distill_temperature}
         if cache is not None:
             features, collate = teacher_cache.with_rows(features), teacher_cache.CachedTeacherCollator(collate, cache)
-    trainer = cls(model=model, args=_training_args(cfg, ckpt, progress), train_dataset=features,
+    trainer = cls(model=model, args=_training_args(cfg, ckpt, progress, rt), train_dataset=features,
                   data_collator=collate, callbacks=[guard, *callbacks], **extra)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when the bars are off
@@ -335,8 +344,27 @@ def _train(base, tok, features, cfg, ckpt, checkpoint, out, progress, callbacks,
     model = _whole(trainer, model, cfg, reload)
     if model is None:
         return None, trainer, trainable
+    if cfg.mode == "lora":
+        model = _in_precision(model, cfg, reload, save_dtype)
     trained = model.merge_and_unload() if cfg.mode == "lora" else model
     return trained.eval(), trainer, trainable
+
+
+def _in_precision(model, cfg, reload, save_dtype):
+    """The trained LoRA model over a base in ``save_dtype``: when the base was held in another precision
+    (bfloat16 on a GPU, say), the adapters move onto the base reloaded in the checkpoint's own precision,
+    so merging does not round the saved weights to the training precision."""
+    base_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_" not in n)
+    if reload is None or save_dtype is None or base_dtype == save_dtype:
+        return model
+    adapters = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    del model
+    fresh = _peft_model(reload(save_dtype), cfg)
+    missing = set(adapters) - set(fresh.state_dict())
+    if missing:
+        raise RuntimeError(f"adapter weights {sorted(missing)[:3]} have no place in the reloaded model")  # a bug
+    fresh.load_state_dict(adapters, strict=False)
+    return fresh
 
 
 def _whole(trainer, model, cfg, reload):
@@ -347,7 +375,7 @@ def _whole(trainer, model, cfg, reload):
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective: every process
     if not distributed.is_main():
         return None
-    fresh = _peft_model(reload(), cfg) if cfg.mode == "lora" else reload()
+    fresh = _peft_model(reload(), cfg) if cfg.mode == "lora" else reload(torch.float32)
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     if unexpected or any("lm_head" not in k for k in missing):
         raise GradPrunerError(f"The gathered weights do not fit the model ({len(missing)} missing, {len(unexpected)} "
@@ -383,16 +411,17 @@ class StopOnNonFinite(TrainerCallback):
 
 # --- the record -------------------------------------------------------------------------------
 
-def _record(run: dict, model_spec, trainer, checkpoint, start: float) -> dict:
+def _record(run: dict, model_spec, trainer, checkpoint, start: float, rt) -> dict:
     history = trainer.state.log_history
     curve = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate"),
               "grad_norm": e.get("grad_norm")} for e in history if "loss" in e]
     return {**run, "model_spec": str(model_spec), "optimizer_steps": trainer.state.global_step,
             "epochs_done": trainer.state.epoch, "resumed_from": str(checkpoint) if checkpoint else None,
-            "device": trainer.args.device.type, "bf16_autocast": trainer.args.bf16,
+            "runtime": {**rt.record(), "trainer_device": str(trainer.args.device),
+                        "autocast": "bfloat16" if trainer.args.bf16 else "float16" if trainer.args.fp16 else None},
             "train_loss": _mean_loss(curve, _step_of(checkpoint) if checkpoint else 0),
             "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
-            "wall_seconds": round(time.monotonic() - start, 3), **_peak_memory(), "versions": versions()}
+            "wall_seconds": round(time.monotonic() - start, 3), **_peak_memory(rt), "versions": versions()}
 
 
 def _mean_loss(curve: list[dict], resumed_at: int) -> float | None:
@@ -409,9 +438,9 @@ def _mean_loss(curve: list[dict], resumed_at: int) -> float | None:
     return total / covered if covered else None
 
 
-def _peak_memory() -> dict:
+def _peak_memory(rt) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
-    if torch.cuda.is_available():
+    if rt.on_cuda:
         peak["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return peak

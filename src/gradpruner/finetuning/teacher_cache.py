@@ -61,18 +61,17 @@ def completion_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_topk(teacher, features: list[dict], top_k: int, batch_size: int, pad_token_id: int,
-                 bf16: bool = False) -> dict[str, torch.Tensor]:
-    """{"values", "indices", "offsets"} of ``teacher`` over ``features`` (see the module docstring)."""
+def teacher_topk(teacher, features: list[dict], top_k: int, batch_size: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """{"values", "indices", "offsets"} of ``teacher`` over ``features`` (see the module docstring), run where
+    the teacher was loaded (the runtime's device and dtype)."""
     teacher.eval()
     device = next(teacher.parameters()).device
     collate = PadCollator(pad_token_id)
     values, indices, offsets = [], [], [0]
     for start in range(0, len(features), batch_size):
         batch = collate(features[start:start + batch_size])
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = teacher(input_ids=batch["input_ids"].to(device),
-                             attention_mask=batch["attention_mask"].to(device)).logits
+        logits = teacher(input_ids=batch["input_ids"].to(device),
+                         attention_mask=batch["attention_mask"].to(device)).logits
         mask = completion_positions(batch["labels"]).to(device)
         k = min(top_k, logits.shape[-1])
         for b in range(logits.shape[0]):
@@ -107,7 +106,7 @@ def read_cache(path: Path, expected: str) -> dict[str, torch.Tensor] | None:
 
 
 def load_or_build(path: Path, teacher_spec: str | Path, load_teacher, features: list[dict], top_k: int,
-                  batch_size: int, pad_token_id: int, bf16: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+                  batch_size: int, pad_token_id: int) -> tuple[dict[str, torch.Tensor], dict]:
     """(cache, record) for ``features``: read from ``path`` when it was made for the same teacher, k and
     examples, else built with ``load_teacher()`` (loaded only then) and written to ``path``."""
     expected = fingerprint(teacher_spec, top_k, features)
@@ -115,10 +114,8 @@ def load_or_build(path: Path, teacher_spec: str | Path, load_teacher, features: 
     cache = read_cache(path, expected)
     reused = cache is not None
     if cache is None:
-        teacher = load_teacher()
-        if torch.cuda.is_available():
-            teacher = teacher.to(torch.device("cuda", torch.cuda.current_device()))
-        cache = teacher_topk(teacher, features, top_k, batch_size, pad_token_id, bf16)
+        teacher = load_teacher()  # on the runtime's device, in its dtype
+        cache = teacher_topk(teacher, features, top_k, batch_size, pad_token_id)
         del teacher
         write_cache(path, cache, {"fingerprint": expected, "teacher": str(teacher_spec), "top_k": str(top_k)})
     check_cache(cache, features)

@@ -15,6 +15,7 @@ the Python/torch runtime and the transient of loading are left out; on GPU it is
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import platform
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from gradpruner.errors import GradPrunerError, lookup
+from gradpruner.errors import GradPrunerError
 from gradpruner.measure.costs import (
     analytic_costs,
     infer_once,
@@ -38,11 +39,11 @@ from gradpruner.measure.costs import (
 )
 from gradpruner.models.architectures import linear_module_names
 from gradpruner.models.lora import attach_lora
+from gradpruner.models.runtime import resolve, runtime_config
 from gradpruner.util.atomic import atomic_dir, check_output, write_json
 from gradpruner.util.tables import markdown_table
 
 PARTS = ("inference", "memory", "train")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAIN_MODES = ("lora", "full")
 # The LoRA step is timed with the adapters `gradpruner finetune` trains by default (its rank is --rank);
 # tests/test_bench.py checks these against finetuning.config.FinetuneConfig.
@@ -62,19 +63,6 @@ def _problems(o: dict) -> list[str]:
     if unknown:
         out.append(f"Unknown bench parts {sorted(unknown)}; choose among {', '.join(PARTS)}.")
     return out
-
-
-def _device_dtype(device: str, dtype: str) -> tuple[str, str]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not device.startswith("cuda"):
-        raise GradPrunerError(f"Unknown --device {device!r}; use auto, cpu or cuda.")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GradPrunerError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu.")
-    if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "bfloat16"
-    lookup(DTYPES, dtype, "--dtype")
-    return device, dtype
 
 
 @contextlib.contextmanager
@@ -195,10 +183,10 @@ def child_memory(args: dict) -> dict:
 
     torch.set_num_threads(args["threads"])
     with torch.device("meta"):  # import the modelling code first, so the baseline holds it
-        AutoModelForCausalLM.from_config(load_config(args["model"], args["trust_remote_code"]),
-                                         trust_remote_code=args["trust_remote_code"])
+        AutoModelForCausalLM.from_config(load_config(args["model"], args["runtime"]["trust_remote_code"]),
+                                         trust_remote_code=args["runtime"]["trust_remote_code"])
     device, base = args["device"], rss_mb()
-    model = load_model(args["model"], DTYPES[args["dtype"]], args["trust_remote_code"], args["allow_pickle"]).to(device)
+    model = load_model(args["model"], resolve(args["runtime"]))
     vocab, res = model.config.vocab_size, {"inference": {}, "train": {}}
     for b, s in args["shapes"]:
         res["method"] = reset_peak(device)
@@ -217,7 +205,7 @@ def _run_child(src, name: str, o: dict) -> dict:
     args = {"model": str(src), "device": o["device"], "dtype": o["dtype"], "threads": torch.get_num_threads(),
             "shapes": [[b, s] for b in o["batches"] for s in o["seqs"]], "new_tokens": o["new_tokens"],
             "train": "train" in o["parts"], "train_batch": o["train_batch"], "train_seq": o["train_seq"],
-            "rank": o["rank"], "trust_remote_code": o["trust_remote_code"], "allow_pickle": o["allow_pickle"]}
+            "rank": o["rank"], "runtime": o["runtime"]}
     proc = subprocess.run([sys.executable, "-m", "gradpruner.measure.bench", json.dumps(args)], capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
@@ -275,29 +263,29 @@ def _environment(o: dict) -> dict:
 
 def bench_models(dense, pruned, *, seqs=(128, 512), batches=(1, 4), reps: int = 3, warmup: int = 1,
                  new_tokens: int = 16, train_batch: int = 4, train_seq: int = 128, rank: int = 8,
-                 parts=PARTS, device: str = "auto", dtype: str = "auto", out=None, overwrite: bool = False,
-                 trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+                 parts=PARTS, runtime=None, out=None, overwrite: bool = False) -> dict:
     """Measure ``dense`` and ``pruned`` side by side (see the module doc); with ``out``, write
-    bench.json and bench.md there (atomically). Returns the result: settings, analytic costs, rows."""
+    bench.json and bench.md there (atomically). Returns the result: settings, analytic costs, rows.
+    Both models run on ``runtime``'s device in its dtype (a ``RuntimeConfig``, a ``Runtime`` or None: auto)."""
     from gradpruner.models.loading import load_config, load_model
 
     o = {"seqs": list(seqs), "batches": list(batches), "reps": reps, "warmup": warmup, "new_tokens": new_tokens,
-         "train_batch": train_batch, "train_seq": train_seq, "rank": rank, "parts": list(parts),
-         "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
+         "train_batch": train_batch, "train_seq": train_seq, "rank": rank, "parts": list(parts)}
     if problems := _problems(o):
         raise GradPrunerError(*problems)
-    o["device"], o["dtype"] = _device_dtype(device, dtype)
+    rt = resolve(runtime)
+    o["device"], o["dtype"] = str(rt.device), rt.dtype_name
+    o["runtime"] = dataclasses.asdict(runtime_config(rt))  # for the memory child processes
     sources = _resolve(dense, pruned)
     if out is not None:
         check_output(out, overwrite, inputs=tuple(sources.values()))
-    configs = {k: load_config(src, trust_remote_code) for k, src in sources.items()}
+    configs = {k: load_config(src, rt.trust_remote_code) for k, src in sources.items()}
     _check_lengths(configs, o)
     seq_set = sorted(set(o["seqs"]) | {o["train_seq"]})
     costs = {k: {s: analytic_costs(c, s) for s in seq_set} for k, c in configs.items()}
     rows = _analytic_rows(costs, o["seqs"])
     if {"inference", "train"} & set(o["parts"]):
-        models = {k: load_model(src, DTYPES[o["dtype"]], trust_remote_code, allow_pickle).to(o["device"])
-                  for k, src in sources.items()}
+        models = {k: load_model(src, rt) for k, src in sources.items()}
         if "inference" in o["parts"]:
             rows += _inference_rows(models, configs, o)
         if "train" in o["parts"]:
@@ -309,7 +297,7 @@ def bench_models(dense, pruned, *, seqs=(128, 512), batches=(1, 4), reps: int = 
         mem_rows, method = _memory_rows(sources, rows[0]["ratio"], o)
         rows += mem_rows
     result = {"dense": str(sources["dense"]), "pruned": str(sources["pruned"]),
-              "settings": {k: v for k, v in o.items() if k not in ("trust_remote_code", "allow_pickle")},
+              "settings": {k: v for k, v in o.items() if k != "runtime"}, "runtime": rt.record(),
               "environment": _environment(o), "memory_method": method,
               "analytic": {k: {str(s): c for s, c in v.items()} for k, v in costs.items()}, "rows": rows}
     if out is not None:

@@ -18,13 +18,9 @@ GIB = 1024 ** 3
 
 def weight_bytes(module, itemsize: int | None = None) -> int:
     """Bytes of a module's weights (shared tensors, e.g. tied embeddings, counted once), at ``itemsize``
-    bytes per number (None: as held)."""
-    seen, total = set(), 0
-    for p in module.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * (itemsize or p.element_size())
-    return total
+    bytes per number (None: as held). Works on a model built on the meta device (shapes only): a tied
+    tensor is one Parameter object, which ``parameters()`` lists once."""
+    return sum(p.numel() * (itemsize or p.element_size()) for p in module.parameters())
 
 
 def layers_for_memory(total_bytes: int, layer_bytes: list[int], order: list[int], gib: float) -> int:

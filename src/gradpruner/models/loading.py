@@ -247,17 +247,25 @@ def check_model(source: Path | str, trust_remote_code: bool = False, allow_pickl
     return config
 
 
-def load_model(source: Path | str, dtype=None, trust_remote_code: bool = False, allow_pickle: bool = False):
-    """Load a causal LM from a resolved source without running code from it."""
+def load_model(source: Path | str, runtime=None, dtype=None):
+    """Load a causal LM from a resolved source without running code from it, on the runtime's device in
+    ``dtype`` (default: the runtime's). ``runtime``: a ``Runtime``, a ``RuntimeConfig`` or None (auto)."""
     import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    config = check_model(source, trust_remote_code, allow_pickle)
+    from gradpruner.models.runtime import resolve
+
+    rt = resolve(runtime)
+    dtype = dtype or rt.dtype
+    config = check_model(source, rt.trust_remote_code, rt.allow_pickle)
+    extra = {"attn_implementation": rt.attn_implementation} if rt.attn_implementation else {}
+    if rt.on_cuda:  # straight onto the GPU, never a whole float copy in host memory first
+        extra["device_map"] = {"": rt.device}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(source), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle else True,
+            str(source), dtype=dtype, trust_remote_code=rt.trust_remote_code,
+            use_safetensors=None if rt.allow_pickle else True, **extra,
         )
     except torch.OutOfMemoryError:
         raise
@@ -273,8 +281,18 @@ def load_model(source: Path | str, dtype=None, trust_remote_code: bool = False, 
                               "is corrupt or does not match its config.json, copy or save it again.") from None
     except OSError as exc:
         raise GradPrunerError(f"Could not load model {source} ({_first_line(exc)}); check the path or Hub id.") from None
+    model = rt.place(model, dtype)
     model.eval()
     return model
+
+
+def meta_model(config):
+    """The model built on the meta device from its config: names and shapes, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def load_tokenizer(source: Path | str, trust_remote_code: bool = False):

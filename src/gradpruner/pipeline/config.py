@@ -18,6 +18,7 @@ from gradpruner.errors import GradPrunerError
 from gradpruner.evaluation.config import EvalConfig
 from gradpruner.finetuning.config import MODES, FinetuneConfig
 from gradpruner.healing.config import HealConfig, config_problems
+from gradpruner.models.runtime import RuntimeConfig
 from gradpruner.planning.config import PlanConfig
 from gradpruner.pruning.config import PruneConfig
 from gradpruner.scoring.config import ScoreConfig
@@ -74,6 +75,7 @@ class RunConfig:
     data_dir: str | None = None  # task data folder, or hub (default: $GRADPRUNER_DATA_DIR, else the data shipped in the package)
     out: str = "runs/run"        # run folder: every stage writes here
     seed: int = 0
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # device, dtype, … of every stage
     score: ScoreConfig = field(default_factory=ScoreConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -223,6 +225,7 @@ def _check(cfg: RunConfig) -> list[str]:
     if cfg.finetune.mode not in MODES:
         out.append(f"finetune.mode is {cfg.finetune.mode!r}; use {', '.join(MODES)}.")
     out += _check_methods(cfg)
+    out += _check_runtime(cfg)
     for key in ("model", "data", "eval_data", "data_dir", "out", "eval.encoder"):
         value = cfg
         for part in key.split("."):
@@ -288,6 +291,18 @@ def _check_blocks(cfg: RunConfig) -> list[str]:
     if cfg.plan.granularity == "block" and (cfg.plan.merge or cfg.heal.rule != "none"):
         return ["plan.granularity block does not combine with merging or healing yet; set plan.merge: 0 and "
                 "heal.rule: none."]
+    return []
+
+
+def _check_runtime(cfg: RunConfig) -> list[str]:
+    """The runtime resolved now: a device this machine lacks or a dtype it cannot run is refused before any
+    stage starts, not after minutes of work."""
+    from gradpruner.models.runtime import resolve
+
+    try:
+        resolve(cfg.runtime)
+    except GradPrunerError as exc:
+        return [f"runtime: {p}" for p in exc.problems]
     return []
 
 

@@ -19,6 +19,7 @@ from gradpruner import api
 from gradpruner.data.tasks import SPLIT_SEED
 from gradpruner.measure.costs import flops_per_token, latency, measure, param_counts
 from gradpruner.models.card import add_results
+from gradpruner.models.runtime import resolve as resolve_runtime
 from gradpruner.pipeline.config import RunConfig, dump_config, section_dict
 from gradpruner.pipeline.isolate import in_child
 from gradpruner.pruning.merging import needs_igia
@@ -42,7 +43,7 @@ LATER = {"score": {"method": "igia", "adapter": "lora", "calib_examples": 64, "l
          "prune": {"out_of_core": None, "max_shard_size": "2GB"},
          "finetune": {"distill": None, "distill_alpha": 0.5, "distill_temperature": 1.0, "lora_dropout": 0.05,
                       "warmup_ratio": 0.03, "lr_scheduler": "cosine", "weight_decay": 0.0, "max_grad_norm": 1.0,
-                      "save_steps": 50, "logging_steps": 10, "bf16": None, "train_last": 3, "train_head": False,
+                      "save_steps": 50, "logging_steps": 10, "train_last": 3, "train_head": False,
                       "distill_cache": True, "distill_top_k": 64},
          "eval": {"metric": None, "max_new_tokens": None, "max_length": 2048}}
 DISTILL_KEYS = ("distill", "distill_alpha", "distill_temperature", "distill_cache", "distill_top_k")  # pruned fine-tune only
@@ -82,6 +83,9 @@ class Run:
         self.stages_dir.mkdir(parents=True, exist_ok=True)
         data = {"model": cfg.model, "task": cfg.task, "data": cfg.data, "eval_data": cfg.eval_data,
                 "data_dir": cfg.data_dir, "seed": cfg.seed}
+        precision = resolve_runtime(cfg.runtime).dtype_name  # where a stage runs changes its numbers through the
+        if precision != "float32":                           # precision; float32 keys stay as they were
+            data["precision"] = precision
         self.keys = {"data": _key(data)}
         # LaCo's scores depend on how many layers it must collapse
         laco = [cfg.plan.prune, "laco-2"] if cfg.score.method == "laco" else []
@@ -218,7 +222,7 @@ def _finetune(cfg: RunConfig, model: str, out: Path, teacher: str | None = None,
                         distill_from=teacher)
     if fresh:  # checkpoints from another config must not be resumed
         shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)
-    rec = finetune(model, out, **_data_args(cfg), config=ft, resume=not fresh, overwrite=True)
+    rec = finetune(model, out, **_data_args(cfg), config=ft, resume=not fresh, overwrite=True, runtime=cfg.runtime)
     write_json(out.with_name(f"{out.name}_finetune.json"), rec)  # the loss curve, kept beside the checkpoint
     return {k: rec.get(k) for k in ("optimizer_steps", "train_examples", "wall_seconds", "peak_rss_mib", "final_loss",
                                     "trainable_params")}
@@ -226,22 +230,24 @@ def _finetune(cfg: RunConfig, model: str, out: Path, teacher: str | None = None,
 
 def _score(cfg: RunConfig, out: Path, fresh: bool) -> dict:
     s = cfg.score
-    res = api.score(cfg.model, out, **_data_args(cfg), config=s, seed=cfg.seed, target=cfg.plan.prune, overwrite=True)
+    res = api.score(cfg.model, out, **_data_args(cfg), config=s, seed=cfg.seed, target=cfg.plan.prune, overwrite=True,
+                    runtime=cfg.runtime)
     return {"method": s.method, "steps": res["steps"], "informative_steps": res.get("informative_steps")}
 
 
 def _plan(cfg: RunConfig, scores: Path, out: Path, fresh: bool) -> dict:
-    res = api.plan(scores, out, config=cfg.plan, model=cfg.model, overwrite=True)
+    res = api.plan(scores, out, config=cfg.plan, model=cfg.model, overwrite=True, runtime=cfg.runtime)
     return {"keep": res["keep"], "drop": res["drop"], "merge": res["merge"]}
 
 
 def _prune(cfg: RunConfig, plan: Path, out: Path, fresh: bool) -> dict:
-    api.prune(cfg.model, plan, out, config=cfg.prune, overwrite=True)
+    api.prune(cfg.model, plan, out, config=cfg.prune, overwrite=True, runtime=cfg.runtime)
     return {"out": str(out)}
 
 
 def _heal(cfg: RunConfig, plan: Path, pruned: Path, out: Path, fresh: bool) -> dict:
-    res = api.heal(cfg.model, pruned, out, plan, **_data_args(cfg), config=cfg.heal, overwrite=True)
+    res = api.heal(cfg.model, pruned, out, plan, **_data_args(cfg), config=cfg.heal, overwrite=True,
+                   runtime=cfg.runtime)
     return {"rule": res["rule"], "loss": res["loss"],
             "errors": [[c["error_before"], c["error_after"]] for c in res["cuts"]]}
 
@@ -252,7 +258,7 @@ def _evaluate(cfg: RunConfig, model: str, out: Path, fresh: bool) -> dict:
     from gradpruner.models.loading import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(model)
-    m, tok = load_model(source), load_tokenizer(source)
+    m, tok = load_model(source, cfg.runtime), load_tokenizer(source, cfg.runtime.trust_remote_code)
     res = evaluate(m, tok, task=cfg.task, data=cfg.eval_data, train_data=cfg.data, data_dir=cfg.data_dir,
                    seed=SPLIT_SEED, config=EvalConfig(**{f.name: getattr(cfg.eval, f.name) for f in fields(EvalConfig)}),
                    item_scores=True, progress=True)  # one score per item, for paired intervals in compare

@@ -195,7 +195,7 @@ class Search:
         from gradpruner.models.loading import load_model, load_tokenizer, resolve_model
 
         source = resolve_model(self.cfg.model)
-        model, tok = load_model(source), load_tokenizer(source)
+        model, tok = load_model(source, self.cfg.runtime), load_tokenizer(source, self.cfg.runtime.trust_remote_code)
         self.num_layers = len(find_decoder_layers(model)[2])
         problems = search_problems(self.cfg, self.num_layers, len(self.examples))
         if problems:
@@ -245,7 +245,7 @@ class Search:
         from gradpruner.models.loading import load_model, load_tokenizer
 
         t0 = time.perf_counter()
-        model, tok = load_model(folder), load_tokenizer(folder)
+        model, tok = load_model(folder, self.cfg.runtime), load_tokenizer(folder, self.cfg.runtime.trust_remote_code)
         point = {k: evaluation.get(k) for k in ("task", "metric", "higher_is_better", "value", "n", "item_scores")}
         point.update(loss=self._loss(model, tok),
                      params=evaluation["params"]["total"], latency=evaluation["latency"])

@@ -260,13 +260,14 @@ def merge_module(w_dst: Tensor, srcs: list[tuple[Tensor, Tensor | None]], rule: 
     wd = w_dst.detach().to(cdt)
     sources = []
     for w, f in srcs:
-        w, f = w.detach().to(cdt), (None if f is None else f.detach().to(cdt))
+        # F comes from the factors file (host memory); the merge runs where the kept weight lives
+        w, f = w.detach().to(wd.device, cdt), (None if f is None else f.detach().to(wd.device, cdt))
         w_hat = (sparsify(w, f, density) if trim == "igia" else
                  magnitude_trim(w, density) if trim == "magnitude" else w)
         sources.append((w_hat, f))
     fd = None
     if f_dst is not None:
-        fd = f_dst.detach().to(cdt)
+        fd = f_dst.detach().to(wd.device, cdt)
         _check_finite(fd, "The kept module's IGIA matrix")
     new = fn(wd, sources, f_dst=fd).to(w_dst.dtype)
     n = w_dst.numel()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from gradpruner.errors import GradPrunerError
-from gradpruner.models.loading import safetensors_preamble, tensor_files
+from gradpruner.models.loading import meta_model, safetensors_preamble, tensor_files
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
@@ -50,14 +50,6 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise GradPrunerError(f"--max-shard-size {size!r} must be positive; write e.g. 2GB.")
     return value
-
-
-def meta_model(config):
-    """The model built on the meta device from its config: names and shapes, no memory."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
 
 
 def stream_problem(source, config, plan: dict) -> str | None:

@@ -40,6 +40,7 @@ class Context:
     model: torch.nn.Module
     tokenizer: object
     features: list[dict]
+    runtime: object = None          # models.runtime.Runtime: the batches go to its device
     seed: int = 0
     calib_examples: int = 64        # examples for forward/gradient methods (ShortGPT, LaCo, Taylor)
     batch_size: int = 8
@@ -54,7 +55,8 @@ class Context:
         _random.Random(self.seed).shuffle(idx)
         chosen = [self.features[i] for i in idx[: self.calib_examples]]
         collate = PadCollator(self.tokenizer.pad_token_id)
-        return [collate(chosen[i:i + self.batch_size]) for i in range(0, len(chosen), self.batch_size)]
+        batches = [collate(chosen[i:i + self.batch_size]) for i in range(0, len(chosen), self.batch_size)]
+        return [self.runtime.inputs(b) for b in batches] if self.runtime is not None else batches
 
 
 def _layers(model) -> torch.nn.ModuleList:
@@ -62,28 +64,34 @@ def _layers(model) -> torch.nn.ModuleList:
 
 
 def train_steps(model, tok, features, callback, *, steps: int, batch_size: int, lr: float, seed: int,
-                grad_accum: int = 1, max_grad_norm: float = 0.0, work_dir=None, progress: bool = False) -> None:
+                grad_accum: int = 1, max_grad_norm: float = 0.0, work_dir=None, progress: bool = False,
+                runtime=None) -> None:
     """``steps`` optimizer steps at a constant learning rate (no warm-up, no decay, nothing saved),
     with ``callback`` seeing every step: the short runs that gradient-based scoring needs.
 
     ``batch_size`` is the global batch of an optimizer step: under ``torchrun`` / ``accelerate launch``
     each of the W processes takes ``batch_size / (W · grad_accum)`` examples per micro-batch, so the
-    optimizer steps see the same examples as in one process (see ``distributed``)."""
+    optimizer steps see the same examples as in one process (see ``distributed``). ``runtime`` (resolved;
+    None: auto) gives the device and the autocast precision."""
     import shutil
     import tempfile
 
     from transformers import Trainer, TrainingArguments
 
+    from gradpruner.models.runtime import resolve
     from gradpruner.util.distributed import per_device_batch
 
+    rt = resolve(runtime)
+    rt.activate()
     per_device = per_device_batch(batch_size, grad_accum)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="gradpruner-steps-"))
     args = TrainingArguments(
         output_dir=str(work), max_steps=steps, per_device_train_batch_size=per_device,
         gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=max_grad_norm, logging_steps=1, save_strategy="no", report_to=[],
-        seed=seed, data_seed=seed, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, disable_tqdm=not progress)
+        seed=seed, data_seed=seed, remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not progress,
+        # no float16 autocast: its loss scaling would put scaled gradients into the capture
+        **{**rt.training_precision(), "fp16": False})
     _check_launch(args)
     try:
         Trainer(model=model, args=args, train_dataset=features, data_collator=PadCollator(tok.pad_token_id),
@@ -151,8 +159,8 @@ def block_influence(ctx: Context) -> dict:
         with torch.no_grad():
             for batch in tqdm(ctx.batches(), desc="block influence", unit="batch"):
                 state["mask"] = batch["attention_mask"].float()
-                count += float(state["mask"].sum())
                 ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                count += float(state["mask"].sum())
     finally:
         for h in handles:
             h.remove()

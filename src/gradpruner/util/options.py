@@ -41,8 +41,11 @@ def cli_fields(cls) -> list[dataclasses.Field]:
     return [f for f in fields(cls) if f.metadata.get("cli", True)]
 
 
-def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of ``cls`` (except ``skip``), its default and help taken from the field."""
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = (),
+                given_only: bool = False) -> None:
+    """One flag per field of ``cls`` (except ``skip``), its default and help taken from the field.
+    ``given_only``: a flag the user did not type sets nothing (``hasattr(args, name)`` is False), so it can
+    override a config file's value only when given; the help still shows the default."""
     for f in cli_fields(cls):
         if f.name in skip:
             continue
@@ -54,7 +57,8 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
             kw.setdefault("action", argparse.BooleanOptionalAction)
         else:
             kw.setdefault("type", typ)
-        parser.add_argument(flag_name(f), dest=f.name, default=default, help=f.metadata.get("help", "") + shown, **kw)
+        parser.add_argument(flag_name(f), dest=f.name, default=argparse.SUPPRESS if given_only else default,
+                            help=f.metadata.get("help", "") + shown, **kw)
 
 
 def from_args(cls, args: argparse.Namespace, **extra):
