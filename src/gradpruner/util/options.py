@@ -41,8 +41,10 @@ def cli_fields(cls) -> list[dataclasses.Field]:
     return [f for f in fields(cls) if f.metadata.get("cli", True)]
 
 
-def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of ``cls`` (except ``skip``), its default and help taken from the field."""
+def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = (),
+                typed_only: bool = False) -> None:
+    """One flag per field of ``cls`` (except ``skip``), its default and help taken from the field.
+    ``typed_only``: a flag not typed is left out of the parsed namespace (the help still shows the default)."""
     for f in cli_fields(cls):
         if f.name in skip:
             continue
@@ -54,7 +56,8 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
             kw.setdefault("action", argparse.BooleanOptionalAction)
         else:
             kw.setdefault("type", typ)
-        parser.add_argument(flag_name(f), dest=f.name, default=default, help=f.metadata.get("help", "") + shown, **kw)
+        parser.add_argument(flag_name(f), dest=f.name, default=argparse.SUPPRESS if typed_only else default,
+                            help=f.metadata.get("help", "") + shown, **kw)
 
 
 def from_args(cls, args: argparse.Namespace, **extra):
