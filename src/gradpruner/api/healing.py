@@ -29,7 +29,8 @@ def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path
 
     The settings are the fields of ``HealConfig`` (``rule``, ``objective``, ``tokens``, ``alpha``,
     ``calib_examples``, …): pass ``config`` or any of them as keywords. ``plan`` is the plan that made
-    ``pruned`` from ``model_dense``. For every run of removed layers with a kept layer before it, a
+    ``pruned`` from ``model_dense``; ``rule`` must be given (lstsq or trained: rule none, the default, is
+    refused, as it would heal nothing). For every run of removed layers with a kept layer before it, a
     linear map fitted on task training examples is folded into that layer's down_proj (ReplaceMe; see
     ``healing.rules``); heal.json records each cut's hidden-state error and the held-out loss before and after.
     """
@@ -41,6 +42,9 @@ def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path
     c = options.settings(HealConfig, config, settings, "heal setting")
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         check(lookup, HEAL_RULES, c.rule, "heal rule")
+        if c.rule == "none":  # the default, which in a run config means no heal stage: here nothing would be healed
+            check.problems.append("Healing needs a rule: pass --rule lstsq (the closed-form fold) or --rule trained "
+                                  "(lstsq, then AdamW on the folds); rule none would write the pruned model unchanged.")
         check.problems.extend(config_problems(c))
         dense = check(resolve_model, model_dense)
         dense_config = check(check_model, dense, trust_remote_code, allow_pickle) if dense is not None else None
