@@ -228,6 +228,71 @@ def test_score_choices_truncates_like_lm_eval(tok):
         assert got == pytest.approx(_naive(model, tok, item, max_len=256), abs=1e-4)
 
 
+def _hflm_logliks(model, tok, items: list[MCItem], max_length: int) -> list[list[float]]:
+    """lm-evaluation-harness's own HFLM, given ``max_length``, on the items' (context, continuation) pairs."""
+    hf = pytest.importorskip("lm_eval.models.huggingface", reason="lm-evaluation-harness is not installed")
+    from lm_eval.api.instance import Instance
+
+    lm = hf.HFLM(pretrained=model, tokenizer=tok, batch_size=8, max_length=max_length)
+    requests = [Instance("loglikelihood", {}, (c, k), j) for it in items for j, (c, k) in
+                enumerate(zip(it.contexts, it.continuations))]
+    flat = iter(ll for ll, _ in lm.loglikelihood(requests, disable_tqdm=True))
+    return [[next(flat) for _ in it.contexts] for it in items]
+
+
+def test_max_length_truncates_multiple_choice_like_lm_eval(tiny, tok):
+    from gradpruner.evaluation.evaluate import _load
+
+    # ARC-Easy ships with the package; 48 tokens of the byte-level tokenizer hold each of these items' answers
+    # (9 to 42 tokens) but not their questions (64 to 139)
+    items = [r.item for r in _load("arc_easy", None, "eval", None, 0, True)[0][:4]]
+    want = _hflm_logliks(tiny, tok, items, 48)
+
+    def logliks(**settings):
+        res = evaluate(tiny, tok, "arc_easy", limit=4, progress=False, details=True, **settings)
+        return [d["loglik"] for d in res["details"]]
+
+    full, short = logliks(), logliks(max_length=48)
+    assert all(abs(a - b) > 1e-3 for s, f in zip(short, full) for a, b in zip(s, f))
+    for s, w in zip(short, want):
+        assert s == pytest.approx(w, abs=1e-4)
+    assert logliks(max_length=10**6) == full  # beyond the model's context (256): as without it
+    for method in ("packed", "cache"):
+        got = score_choices(tiny, tok, items, progress=False, method=method, max_length=48)
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=1e-4)
+    with pytest.raises(GradPrunerError, match="An answer choice is 42 tokens, more than --max-length 41"):
+        score_choices(tiny, tok, items, progress=False, max_length=41)  # HFLM asserts the same
+
+
+def test_max_length_truncates_generation_prompts_from_the_left(tiny, tok, tmp_path, monkeypatch):
+    rows = [{"instruction": "What is the sentiment of this news? Answer negative, neutral or positive. " * 2,
+             "input": f"Shares of company {i} rose five percent after the report.", "output": "positive"}
+            for i in range(3)]
+    data = write_jsonl(tmp_path / "fingpt.jsonl", rows)
+    widths, generate = [], type(tiny).generate
+
+    def spy(self, input_ids=None, **kwargs):
+        widths.append(input_ids.shape[1])
+        return generate(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(tiny), "generate", spy)
+
+    def predictions(**settings):
+        widths.clear()
+        res = evaluate(tiny, tok, "fingpt_sentiment", data=data, max_new_tokens=4, progress=False, details=True,
+                       **settings)
+        return [d["prediction"] for d in res["details"]]
+
+    full = predictions()
+    assert max(widths) > 100  # the whole prompt, BOS included
+    predictions(max_length=40)
+    assert widths and max(widths) <= 40 - 4  # room left for the 4 new tokens
+    assert predictions(max_length=10**6) == full
+    with pytest.raises(GradPrunerError, match="--max-length 4"):
+        evaluate(tiny, tok, "fingpt_sentiment", data=data, max_new_tokens=4, max_length=4, progress=False)
+
+
 # ---------------------------------------------------------------------- generation and file stats
 def test_generate_answers_batched_equals_one_by_one(tok, tiny):
     prompts = ["Q: a?\nA:", "Question: a much longer prompt here?\nAnswer:", "x"]

@@ -86,6 +86,32 @@ def test_default_lr_depends_on_the_mode():
     assert ft.validate_config(FinetuneConfig(mode="full")).lr == 1e-5
 
 
+def test_warmup_ratio_warms_up_the_learning_rate(tiny_llama, qa_file, tmp_path):
+    # 4 optimizer steps, ratio 0.5: ceil(4 × 0.5) = 2 warmup steps, the rate rising linearly from 0, so the
+    # steps run at 0, lr/2, then lr and lr (each logged point is the rate its step used)
+    cfg = FinetuneConfig(max_steps=4, lr=1e-2, warmup_ratio=0.5, lr_scheduler="constant_with_warmup",
+                         logging_steps=1, batch_size=8)
+    record = finetune(tiny_llama, tmp_path / "o", data=qa_file, config=cfg, progress=False)
+    rates = [p["learning_rate"] for p in record["loss_curve"]]
+    assert rates == pytest.approx([0.0, 5e-3, 1e-2, 1e-2], abs=1e-12)
+
+
+def test_every_transformers_allowed_reads_the_warmup_ratio():
+    # finetune passes --warmup-ratio to TrainingArguments as warmup_steps, which transformers reads as a ratio
+    # of the optimizer steps only from version 5 on (4.x takes 0.03 as 0.03 steps: no warmup at all)
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    spec = next(r.specifier for r in map(Requirement, project["dependencies"]) if r.name == "transformers")
+    assert not spec.contains(Version("4.99")) and spec.contains(Version("5.0"))
+    import transformers
+
+    assert spec.contains(transformers.__version__)
+
+
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tiny_llama, qa_file, tmp_path, mode):
     # 40 examples / 8 per step = 5 steps an epoch; step 8 is mid-epoch, with accumulation and dropout on.

@@ -148,9 +148,10 @@ def test_lstsq_keeps_parameters_and_shapes_and_lowers_the_error(tiny_llama, tiny
     assert (tmp_path / "healed" / "gradpruner.json").is_file()  # the prune record travels with the checkpoint
 
 
-def test_none_is_the_identity(tiny_llama, tiny_pruned, qa_file, tmp_path):
-    res = api.heal(str(tiny_llama), tiny_pruned, tmp_path / "same", PLAN, data=qa_file, max_length=64)
-    before, after = _state(tiny_pruned), _state(tmp_path / "same")
+def test_none_is_the_identity(tiny_llama, tiny_pruned, qa_file):
+    pruned = load_model(tiny_pruned)
+    res = heal_model(load_model(tiny_llama), pruned, PLAN["keep"], *_batches(tiny_llama, qa_file), HealConfig())
+    before, after = _state(tiny_pruned), pruned.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert {c["status"] for c in res["cuts"]} == {"unchanged"}
     assert all(c["error_before"] == c["error_after"] for c in res["cuts"])
@@ -216,6 +217,20 @@ def test_unknown_rule_is_one_sentence_and_writes_nothing(tiny_llama, tiny_pruned
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "Did you mean 'trained'" in err[0]
     assert not out.exists() and not list(tmp_path.glob(".healed*"))
+
+
+def test_heal_without_a_rule_is_refused_and_writes_nothing(tiny_llama, tiny_pruned, qa_file, tmp_path, capsys):
+    out = tmp_path / "healed"
+    rc = main(["heal", "--model", str(tiny_llama), "--pruned", str(tiny_pruned), "--plan", _plan_file(tmp_path),
+               "--data", str(qa_file), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "--rule lstsq" in err[0] and "--rule trained" in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".healed*"))
+    for rule in ({}, {"rule": "none"}):  # the API alike, by default or asked for rule none
+        with pytest.raises(GradPrunerError, match="pass --rule lstsq .* or --rule trained"):
+            api.heal(str(tiny_llama), tiny_pruned, out, PLAN, data=qa_file, **rule)
+        assert not out.exists()
 
 
 def _plan_file(tmp_path, plan=PLAN) -> str:

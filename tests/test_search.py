@@ -85,6 +85,26 @@ def test_bad_settings_fail_before_any_work(tiny_llama, tmp_path, capsys, flags, 
     assert needle in capsys.readouterr().err and not out.exists()
 
 
+def test_a_search_flag_given_overrides_the_config_even_at_its_default(tiny_llama, tmp_path, capsys):
+    from gradpruner.cli import _search_overrides, build_parser
+
+    # the config sets values other than the flags' defaults (step 2, val_items 320, budget layers, finetune_steps 150)
+    path = _config(tmp_path, tiny_llama, step=4, val_items=40, budget="params", finetune_steps=2)
+
+    def searched(*flags):
+        args = build_parser().parse_args(["search", "--config", path, *flags])
+        return load_config(args.config, _search_overrides(args)).search
+
+    typed = searched("--step", "2", "--val-items", "320", "--budget", "layers", "--finetune-steps", "150")
+    assert (typed.step, typed.val_items, typed.budget, typed.finetune_steps) == (2, 320, "layers", 150)
+    untouched = searched("--max-drop", "0.1")  # flags not typed leave the config's values in force
+    assert (untouched.step, untouched.val_items, untouched.budget, untouched.finetune_steps) == (4, 40, "params", 2)
+    assert (untouched.max_drop, untouched.finetune_points) == (0.1, 2)
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    assert "(default 2)" in " ".join(capsys.readouterr().out.split())  # the help still shows the defaults
+
+
 def test_a_slice_too_small_for_the_tolerance_is_refused(tiny_llama, tmp_path, capsys):
     out = tmp_path / "s"
     # 0.01 of 320 items is 3.2 items, fewer than the 5 a tolerated drop must amount to

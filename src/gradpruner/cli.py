@@ -18,7 +18,7 @@ from gradpruner.pipeline.config import SearchConfig
 from gradpruner.planning.config import DEFAULT_PRUNE, PlanConfig
 from gradpruner.pruning.config import PruneConfig
 from gradpruner.scoring.config import ScoreConfig
-from gradpruner.util.options import add_options, defaults, from_args
+from gradpruner.util.options import add_options, cli_fields, defaults, from_args
 
 
 def _add_model(p, required=True):
@@ -57,7 +57,7 @@ def _add_runtime_overrides(p) -> None:
     """The runtime flags for commands driven by a config: a flag typed overrides the config's runtime:
     section (runtime.device=…), a flag not typed leaves it in force."""
     add_options(p.add_argument_group("runtime (where models run; overrides the config's runtime: section)"),
-                RuntimeConfig, given_only=True)
+                RuntimeConfig, typed_only=True)
 
 
 def _runtime_overrides(args) -> list[str]:
@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--data-dir", help=DATA_DIR_HELP)
     sr.add_argument("--out", help="search folder: search.md, search.png, curve.csv, search.json, plan.json")
     _add_runtime_overrides(sr)
-    add_options(sr.add_argument_group("search"), SearchConfig)
+    # a search flag is absent unless typed, so one typed at its default still overrides the config's search:
+    add_options(sr.add_argument_group("search"), SearchConfig, typed_only=True)
 
     se = sub.add_parser("sensitivity", help="how soon a layer ranking settles (paper Fig. 2): igia or full_grad scores.json")
     se.add_argument("scores", help="scores.json of an igia, igia_norm or full_grad run (uses the igia rule: mean of squared norms)")
@@ -341,8 +342,8 @@ def _run(args) -> int:
 
 
 def _search_overrides(args) -> list[str]:
-    """The flags given to ``search`` as run-config overrides (a search flag only when it differs from its
-    default, so a config's search: section stays in force), then the key=value overrides."""
+    """The flags given to ``search`` as run-config overrides (a search flag only when typed, even at its
+    default; the ones not typed leave a config's search: section in force), then the key=value overrides."""
     import json
 
     out = [f"{key}={json.dumps(getattr(args, key))}" for key in ("model", "task", "data", "eval_data", "data_dir", "out")
@@ -351,8 +352,8 @@ def _search_overrides(args) -> list[str]:
         out.append("task=null")
     if args.out is None and args.config is None:
         out.append("out=runs/search")
-    given = vars(from_args(SearchConfig, args))
-    out += [f"search.{k}={json.dumps(v)}" for k, v in given.items() if v != defaults(SearchConfig)[k]]
+    given = {f.name: getattr(args, f.name) for f in cli_fields(SearchConfig) if hasattr(args, f.name)}
+    out += [f"search.{k}={json.dumps(v)}" for k, v in given.items()]
     return out + list(args.overrides) + _runtime_overrides(args)
 
 

@@ -30,7 +30,8 @@ def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path
 
     The settings are the fields of ``HealConfig`` (``rule``, ``objective``, ``tokens``, ``alpha``,
     ``calib_examples``, …): pass ``config`` or any of them as keywords. ``plan`` is the plan that made
-    ``pruned`` from ``model_dense``. For every run of removed layers with a kept layer before it, a
+    ``pruned`` from ``model_dense``; ``rule`` must be given (lstsq or trained: rule none, the default, is
+    refused, as it would heal nothing). For every run of removed layers with a kept layer before it, a
     linear map fitted on task training examples is folded into that layer's down_proj (ReplaceMe; see
     ``healing.rules``); heal.json records each cut's hidden-state error and the held-out loss before and after.
     Both models run on ``runtime``'s device (default auto): the dense one in its dtype (forward passes
@@ -44,6 +45,9 @@ def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path
     c = options.settings(HealConfig, config, settings, "heal setting")
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         check(lookup, HEAL_RULES, c.rule, "heal rule")
+        if c.rule == "none":  # the default, which in a run config means no heal stage: here nothing would be healed
+            check.problems.append("Healing needs a rule: pass --rule lstsq (the closed-form fold) or --rule trained "
+                                  "(lstsq, then AdamW on the folds); rule none would write the pruned model unchanged.")
         check.problems.extend(config_problems(c))
         rt = check(resolve_runtime, runtime)
         trust, pickle = (rt.trust_remote_code, rt.allow_pickle) if rt is not None else (False, False)

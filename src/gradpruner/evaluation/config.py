@@ -13,6 +13,7 @@ class EvalConfig:
     batch_size: int = opt(8, "questions scored together")
     metric: str | None = opt(None, "primary metric (empty: the task's own)")
     max_new_tokens: int | None = opt(None, "generation length for generative tasks (empty: the task's own)")
-    max_length: int = opt(2048, "tokens per scored sequence")
+    max_length: int = opt(2048, "tokens per scored sequence, every task, at most the model's context length (longer "
+                          "contexts and prompts lose their left end)")
     encoder: str | None = opt(None, "local encoder folder for BERTScore (empty: the packaged MiniLM)",
                               flag="--bertscore-encoder")

@@ -99,20 +99,24 @@ def heldout_loss(model, tokenizer, features: list[dict], batch_size: int = 8, de
 # ---------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8,
-                     stop: tuple[str, ...] = (), progress: bool = True, desc: str = "generating") -> list[str]:
+                     stop: tuple[str, ...] = (), progress: bool = True, desc: str = "generating",
+                     max_length: int | None = None) -> list[str]:
     """Greedy continuation of each prompt (new text only), cut before the first of ``stop``.
 
     Prompts are tokenised as in training (BOS if the tokenizer adds one, no EOS), left-truncated to
-    fit the model with ``max_new_tokens`` to spare, and run in left-padded batches with the KV cache.
+    fit ``max_length`` tokens (capped at the model's context length, also the default) with
+    ``max_new_tokens`` to spare, and run in left-padded batches with the KV cache.
     """
     from transformers import GenerationConfig, StoppingCriteriaList
 
     model.eval()
     device = next(model.parameters()).device
-    room = model_max_length(model, tokenizer) - max_new_tokens
+    limit = model_max_length(model, tokenizer)
+    limit = limit if max_length is None else min(max_length, limit)
+    room = limit - max_new_tokens
     if room < 1:
-        raise GradPrunerError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the model's "
-                              "context; choose fewer new tokens.")
+        raise GradPrunerError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in --max-length {limit} "
+                              "(at most the model's context); choose fewer new tokens or a larger --max-length.")
     prefix = special_prefix(tokenizer)
     inputs = [fit_to_length(prefix, list(body), [], room)[0] for body in token_ids(tokenizer, prompts)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -211,12 +215,13 @@ def heldout_examples(task: str | None = None, data: str | os.PathLike | None = N
     return [r.example if isinstance(r, EvalRow) else r for r in rows]
 
 
-def _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, spec, offset=0) -> str:
+def _check_args(task, data, split, limit, batch_size, max_new_tokens, metric, spec, offset=0, max_length=None) -> str:
     """The primary metric's name, after checking every argument a user can get wrong."""
     if task is None and data is None:
         raise GradPrunerError("Give a task name (--task) or a JSONL file (--data) to evaluate on.")
     check_split(split)
-    for name, value in (("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+    for name, value in (("limit", limit), ("batch_size", batch_size), ("max_new_tokens", max_new_tokens),
+                        ("max_length", max_length)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise GradPrunerError(f"{name} {value!r} must be a positive whole number.")
     if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
@@ -277,7 +282,8 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
 
     with Collect() as check:  # every problem with the inputs, in one message, before any work
         spec: TaskSpec | None = check(lookup, TASKS, task, "task") if task is not None else None
-        chosen = check(_check_args, task, data, split, limit, batch_size, max_new_tokens, metric, spec, offset) \
+        chosen = check(_check_args, task, data, split, limit, batch_size, max_new_tokens, metric, spec, offset,
+                       max_length) \
             if task is None or spec is not None else None
         if out is not None:
             check(check_output, out, overwrite)
@@ -310,10 +316,10 @@ def evaluate(model, tokenizer=None, task: str | None = None, data: str | os.Path
     if spec is None:
         per_item, extra = _eval_file(model, tokenizer, rows, batch_size, max_length, progress)
     elif spec.to_choices:
-        per_item, extra = _eval_choices(model, tokenizer, spec, rows, batch_size, progress)
+        per_item, extra = _eval_choices(model, tokenizer, spec, rows, batch_size, progress, max_length)
     else:
         per_item, extra = _eval_generation(model, tokenizer, spec, rows, batch_size, encoder,
-                                           max_new_tokens or spec.max_new_tokens, progress)
+                                           max_new_tokens or spec.max_new_tokens, progress, max_length)
     seconds = time.perf_counter() - t0
     values = {name: (_mean(v) if name != "loss" else v) for name, v in per_item.items()}
     result.update({"value": values[chosen], "n": len(rows), "metrics": values, "split": split if data is None else "file",
@@ -339,21 +345,22 @@ def _item_scores(metric: str, values: list[float], rows: list, offset: int) -> d
             "values": [round(float(v), 6) for v in values], "digest": digest}
 
 
-def _eval_choices(model, tokenizer, spec, rows, batch_size, progress):
+def _eval_choices(model, tokenizer, spec, rows, batch_size, progress, max_length=None):
     items = [r.item for r in rows]
-    lls = score_choices(model, tokenizer, items, batch_size=batch_size, progress=progress, desc=spec.name)
+    lls = score_choices(model, tokenizer, items, batch_size=batch_size, progress=progress, desc=spec.name,
+                        max_length=max_length)
     per_item = {name: [M.METRICS[name](ll, it) for ll, it in zip(lls, items)] for name in spec.metrics}
     details = [{"gold": it.gold, "loglik": ll} for it, ll in zip(items, lls)]
     return per_item, {"prompts": PROMPTS, "details": details}
 
 
-def _eval_generation(model, tokenizer, spec, rows, batch_size, encoder, max_new_tokens, progress):
+def _eval_generation(model, tokenizer, spec, rows, batch_size, encoder, max_new_tokens, progress, max_length=None):
     items: list[GenItem] = [r.item for r in rows]
     # Load the encoder before generating, so a missing one fails fast.
     scorer = M.get_scorer(encoder) if {"bertscore", "rouge_bertscore"} & set(spec.metrics) else None
     description = scorer.description if scorer else None
     preds = generate_answers(model, tokenizer, [it.prompt for it in items], max_new_tokens, batch_size,
-                             spec.stop, progress, desc=spec.name)
+                             spec.stop, progress, desc=spec.name, max_length=max_length)
     per_item = M.generation_scores(spec.metrics, preds, [it.reference for it in items],
                                    [it.label for it in items], spec.labels, encoder, spec.answer_text)
     extra = {"prompts": "gradpruner task prompts (tasks.py), greedy decoding", "max_new_tokens": max_new_tokens,

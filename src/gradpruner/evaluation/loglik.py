@@ -77,8 +77,13 @@ METHODS = ("auto", "packed", "cache")
 
 @torch.no_grad()
 def score_choices(model, tokenizer, items: Sequence[MCItem], batch_size: int = 8, progress: bool = True,
-                  desc: str = "scoring choices", method: str = "auto") -> list[list[float]]:
+                  desc: str = "scoring choices", method: str = "auto",
+                  max_length: int | None = None) -> list[list[float]]:
     """Log-likelihood of every choice of every item, in item order (lm-eval HFLM's numbers).
+
+    ``max_length`` is HFLM's ``max_length`` (capped at the model's context length, which is also the
+    default): a choice is scored on the last max_length + 1 tokens of context and continuation, so a long
+    context loses its left end.
 
     ``batch_size`` counts questions; all their choices run together. Items are processed longest
     first (less padding) and returned in the order given. ``method``:
@@ -97,6 +102,7 @@ def score_choices(model, tokenizer, items: Sequence[MCItem], batch_size: int = 8
     model.eval()
     device = next(model.parameters()).device
     max_len = model_max_length(model, tokenizer)
+    max_len = max_len if max_length is None else min(max_length, max_len)
     params = inspect.signature(model.forward).parameters
     takes_keep = "logits_to_keep" in params
     cache_kw = cache_keyword(model)
@@ -104,6 +110,12 @@ def score_choices(model, tokenizer, items: Sequence[MCItem], batch_size: int = 8
     window = _attention_window(model)
     pairs = [[_truncate(*encode_pair(tokenizer, c, k), max_len) for c, k in zip(it.contexts, it.continuations)]
              for it in items]
+    longest = max((len(k) for p in pairs for _, k in p), default=0)
+    if longest > max_len:  # HFLM asserts the same: a continuation must fit whole
+        from gradpruner.errors import GradPrunerError
+
+        raise GradPrunerError(f"An answer choice is {longest} tokens, more than --max-length {max_len}; "
+                              "use a larger --max-length.")
     order = sorted(range(len(items)), key=lambda i: -sum(len(c) + len(k) for c, k in pairs[i]))
     results: list[list[float]] = [[] for _ in items]
     bar = tqdm(total=len(items), desc=desc, unit="q", disable=not progress, leave=False)

@@ -12,8 +12,9 @@ CHOICES = {"objective": ("l2", "cosine"), "tokens": ("all", "skip_first"), "targ
 
 @dataclass
 class HealConfig:
-    rule: str = opt("none", "none (the pruned model as it is), lstsq (ReplaceMe's closed-form linear fold into the "
-                    "down_proj before each cut) or trained (lstsq, then AdamW on the folds); see docs/heal.md")
+    rule: str = opt("none", "lstsq (ReplaceMe's closed-form linear fold into the down_proj before each cut) or trained "
+                    "(lstsq, then AdamW on the folds); none heals nothing: no heal stage in a run, refused by gradpruner "
+                    "heal; see docs/heal.md")
     objective: str = opt("l2", "what the fit minimises: l2, or cosine (each token weighted by 1/‖dense hidden "
                          "state‖, close to a cosine objective)")
     tokens: str = opt("all", "tokens fitted and measured: all, or skip_first (leave out each example's first token, "

@@ -42,10 +42,9 @@ def cli_fields(cls) -> list[dataclasses.Field]:
 
 
 def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = (),
-                given_only: bool = False) -> None:
+                typed_only: bool = False) -> None:
     """One flag per field of ``cls`` (except ``skip``), its default and help taken from the field.
-    ``given_only``: a flag the user did not type sets nothing (``hasattr(args, name)`` is False), so it can
-    override a config file's value only when given; the help still shows the default."""
+    ``typed_only``: a flag not typed is left out of the parsed namespace (the help still shows the default)."""
     for f in cli_fields(cls):
         if f.name in skip:
             continue
@@ -57,7 +56,7 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
             kw.setdefault("action", argparse.BooleanOptionalAction)
         else:
             kw.setdefault("type", typ)
-        parser.add_argument(flag_name(f), dest=f.name, default=argparse.SUPPRESS if given_only else default,
+        parser.add_argument(flag_name(f), dest=f.name, default=argparse.SUPPRESS if typed_only else default,
                             help=f.metadata.get("help", "") + shown, **kw)
 
 
