@@ -27,26 +27,48 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def pytest_runtest_setup(item):
-    """Tests marked ``needs_data`` skip without the offline datasets, except under CI, where the
-    datasets are part of the set-up and their absence must fail the run, not hide the tests that read them."""
-    if item.get_closest_marker("needs_data") and offline_data_dir() is None:
-        if _in_ci():
-            pytest.fail(f"CI is set but {_NO_DATA}", pytrace=False)
-        pytest.skip(_NO_DATA)
-    if item.get_closest_marker("needs_llama_cpp"):
-        import importlib.util
+_NO_LLAMA_CPP = ("llama-cpp-python is not installed (make test builds it when cmake and a C/C++ compiler are on PATH; "
+                 "or pip install llama-cpp-python)")
+_NO_BROWSER = "chromium is not on PATH (install Debian's chromium: apt-get install chromium; make test does under CI=true)"
 
-        if importlib.util.find_spec("llama_cpp") is None:
-            why = "llama-cpp-python is not installed (make test builds it: see the Makefile)"
-            if _in_ci():
-                pytest.fail(f"CI is set but {why}", pytrace=False)
-            pytest.skip(why)
-    if item.get_closest_marker("needs_browser") and not (shutil.which("chromium") or shutil.which("chromium-browser")):
-        why = "Debian's chromium is not installed (make test installs it: apt-get install chromium)"
-        if _in_ci():
+
+def _missing(item, known: dict | None = None) -> str | None:
+    """Why ``item`` cannot run on this machine (a ``needs_*`` marker whose need is missing), or None.
+    ``known`` keeps each need's answer over a whole collection."""
+    import importlib.util
+
+    checks = {"needs_data": (lambda: offline_data_dir() is not None, _NO_DATA),
+              "needs_llama_cpp": (lambda: importlib.util.find_spec("llama_cpp") is not None, _NO_LLAMA_CPP),
+              "needs_browser": (lambda: bool(shutil.which("chromium") or shutil.which("chromium-browser")), _NO_BROWSER)}
+    known = {} if known is None else known
+    for marker, (there, why) in checks.items():
+        if item.get_closest_marker(marker):
+            if marker not in known:
+                known[marker] = there()
+            if not known[marker]:
+                return why
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``needs_data``, ``needs_llama_cpp`` or ``needs_browser`` skip without what they need
+    (a skip mark, so pytest's -ra summary names each test and the reason in one line)..."""
+    if _in_ci():
+        return
+    known: dict = {}
+    for item in items:
+        why = _missing(item, known)
+        if why:
+            item.add_marker(pytest.mark.skip(reason=why))
+
+
+def pytest_runtest_setup(item):
+    """... except under CI, where the datasets, llama-cpp-python and chromium are part of the set-up and
+    their absence must fail the run, not hide the tests that need them."""
+    if _in_ci():
+        why = _missing(item)
+        if why:
             pytest.fail(f"CI is set but {why}", pytrace=False)
-        pytest.skip(why)
 
 
 @pytest.fixture(scope="session")

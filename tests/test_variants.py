@@ -208,3 +208,13 @@ def test_the_registry_says_which_methods_are_variants():
     assert {n for n, m in METHODS.items() if m.kind == "variant"} == set(VARIANTS)
     assert {n for n, m in METHODS.items() if m.kind == "igia"} == {"igia", "igia_norm"}
     assert all(m.fn is not None for m in METHODS.values() if m.kind == "direct")
+
+
+def test_every_method_function_has_a_catalog_entry():
+    """The functions and the torch-free catalog (what ``score --help`` lists) name the same direct methods."""
+    from gradpruner.scoring.catalog import CATALOG
+    from gradpruner.scoring.methods import FUNCTIONS, METHODS
+
+    assert set(FUNCTIONS) == {n for n, info in CATALOG.items() if info.kind == "direct"}
+    assert list(METHODS) == list(CATALOG)
+    assert all(METHODS[n].about == info.about and METHODS[n].trains == info.trains for n, info in CATALOG.items())

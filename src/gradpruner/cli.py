@@ -17,6 +17,7 @@ from gradpruner.models.runtime import RuntimeConfig
 from gradpruner.pipeline.config import SearchConfig
 from gradpruner.planning.config import DEFAULT_PRUNE, PlanConfig
 from gradpruner.pruning.config import PruneConfig
+from gradpruner.scoring.catalog import methods_help
 from gradpruner.scoring.config import ScoreConfig
 from gradpruner.util.options import add_options, cli_fields, defaults, from_args
 
@@ -67,20 +68,13 @@ def _runtime_overrides(args) -> list[str]:
     return [f"runtime.{f.name}={json.dumps(getattr(args, f.name))}" for f in fields(RuntimeConfig) if hasattr(args, f.name)]
 
 
-def _methods_epilog() -> str:
-    from gradpruner.scoring.methods import METHODS
-
-    width = max(map(len, METHODS))
-    return "methods (--method):\n" + "\n".join(f"  {name:<{width}}  {m.about}" for name, m in METHODS.items())
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="gradpruner", description="Prune a fine-tuned LLM for one task with early LoRA gradients.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("score", help="score every decoder layer: IGIA from T early LoRA steps, or a baseline method",
-                       epilog=_methods_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=methods_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(s)
     _add_data(s, required=True)
     s.add_argument("--prune", type=int, help="layers the plan will remove: sizes the guard of igia_guarded and the pools "
@@ -369,9 +363,9 @@ def _heal_summary(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before any torch import: --help and usage errors answer at once
     from gradpruner.util.distributed import is_main
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if not is_main():  # torchrun / accelerate launch: every process gets the same result; process 0 speaks

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from gradpruner.data.examples import PadCollator
 from gradpruner.errors import GradPrunerError
 from gradpruner.models import architectures
+from gradpruner.scoring.catalog import CATALOG, MethodInfo
 from gradpruner.scoring.greedy import (
     POOLS,
     calib_loss,
@@ -394,42 +395,16 @@ def _force(trials: list[dict], removed: list[int], groups: dict, linear: dict, t
 
 
 @dataclass(frozen=True)
-class Method:
-    """A layer-selection method (an entry of ``METHODS``). ``kind`` says how it runs: ``igia`` — a score
-    rule of the IGIA of T early LoRA steps; ``variant`` — an IGIA variant, the same steps plus statistics
-    of the model (``scoring.variants``); ``direct`` — ``fn(ctx)`` computes the scores."""
+class Method(MethodInfo):
+    """A layer-selection method (an entry of ``METHODS``): its description in ``scoring.catalog`` (trains?,
+    writes factors?, ``about``, ``kind``) and ``fn(ctx)``, the function of a ``direct`` method (None for
+    the IGIA methods and variants, which ``api.score`` runs)."""
 
-    fn: object
-    trains: bool        # runs optimizer steps (costs like fine-tuning)
-    factors: bool       # writes igia.safetensors (needed by the IGIA merge rules)
-    about: str
-    kind: str = "direct"
-
-    @property
-    def lora_steps(self) -> bool:
-        """Whether it trains LoRA on the task and captures its gradients (the IGIA path)."""
-        return self.kind != "direct"
+    fn: object = None
 
 
-METHODS: dict[str, Method] = {
-    "igia": Method(None, True, True, "the paper: Σ F_W of T early LoRA steps (Eq. 2–4)", "igia"),
-    "igia_norm": Method(None, True, True, "the authors' release: unsquared ‖G‖_F summed over steps", "igia"),
-    "igia_saliency": Method(None, True, True, "Σ F ⊙ W² (expected loss change of zeroing the weights)", "variant"),
-    "igia_log": Method(None, True, True, "mean over a layer's modules of log Σ F", "variant"),
-    "igia_typerank": Method(None, True, True, "per module type, rank the layers by Σ F; average the ranks", "variant"),
-    "igia_gradnorm": Method(None, True, True, "Σ F divided by the mean ‖∂L/∂out‖² at the layer", "variant"),
-    "igia_scaled": Method(None, True, True, "Σ F times the mean square of the layer's input stream", "variant"),
-    "igia_guarded": Method(None, True, True, "IGIA chooses among the layers block influence lets go (pool prune + ⌈prune/3⌉)", "variant"),
-    "igia_guarded_loss": Method(None, True, True, "IGIA chooses among the layers whose removal alone costs least", "variant"),
-    "igia_greedy": Method(None, True, True, "greedy removal by measured loss among the ⌈f·prune⌉ lowest-IGIA layers", "variant"),
-    "full_grad": Method(full_grad, True, False, "Eq. 3–4 on true dense-weight gradients (T full FT steps)"),
-    "block_influence": Method(block_influence, False, False, "ShortGPT: 1 − cos(input, output) per layer"),
-    "taylor": Method(taylor, False, False, "Σ |W ⊙ ∇W| per layer on task data (LLM-Pruner's first order)"),
-    "removal_taylor": Method(removal_taylor, False, False, "|∂L/∂out · (out − in)| per layer: first-order loss change of removing it"),
-    "removal_loss": Method(removal_loss, False, False, "Shortened LLaMA: calibration-loss increase when the layer alone is removed"),
-    "greedy_loss": Method(greedy_loss, False, False, "remove one layer at a time, the cheapest by measured calibration loss (SLEB)"),
-    "magnitude": Method(magnitude, False, False, "Σ |W| per layer"),
-    "last_n": Method(last_n, False, False, "drop the top layers"),
-    "random": Method(random_order, False, False, "seeded random ranking"),
-    "laco": Method(laco, False, False, "LaCo layer collapse (merge with prune.merge_rule laco)"),
-}
+# The functions of the direct methods (kind "direct" in the catalog); the IGIA methods and variants have none.
+FUNCTIONS = {"full_grad": full_grad, "block_influence": block_influence, "taylor": taylor,
+             "removal_taylor": removal_taylor, "removal_loss": removal_loss, "greedy_loss": greedy_loss,
+             "magnitude": magnitude, "last_n": last_n, "random": random_order, "laco": laco}
+METHODS: dict[str, Method] = {name: Method(**vars(info), fn=FUNCTIONS.get(name)) for name, info in CATALOG.items()}
