@@ -134,7 +134,7 @@ def _hwm_mb() -> float | None:
         return None
 
 
-def reset_peak(device: str = "cpu") -> str:
+def reset_peak(device: str) -> str:
     """Reset the peak-memory counter of this process to now; returns how ``peak_mb`` will read it.
 
     CPU: the kernel's resident-set high-water mark (VmHWM), reset through /proc/self/clear_refs
@@ -156,7 +156,7 @@ def reset_peak(device: str = "cpu") -> str:
         return "ru_maxrss (lifetime peak)"
 
 
-def peak_mb(device: str = "cpu", base: float = 0.0) -> float:
+def peak_mb(device: str, base: float = 0.0) -> float:
     """MiB at the peak since ``reset_peak``, minus ``base`` on CPU (e.g. the RSS before loading)."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20

@@ -47,7 +47,7 @@ class FactorWriter:
 
     def write(self, name: str, step: int, tensor: torch.Tensor) -> None:
         offset, step_bytes = self.slot[name]
-        data = tensor.detach().to("cpu", self.dtype).contiguous()
+        data = tensor.detach().to(dtype=self.dtype).cpu().contiguous()  # to the file, through host memory
         raw = data.view(torch.uint8).numpy().tobytes() if self.dtype != torch.float32 else data.numpy().tobytes()
         if len(raw) != step_bytes:
             raise ValueError(f"{name}: step slice has {len(raw)} bytes, expected {step_bytes}")
