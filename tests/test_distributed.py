@@ -70,6 +70,20 @@ def test_score_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
         _close(f2[k], f1[k])
 
 
+def test_capture_refuses_fsdp1(tmp_path):
+    """FSDP1's flat-parameter gradients are not read (no summon_full_params path): one sentence instead."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from gradpruner.scoring.capture import IGIACallback
+
+    wrapped = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(wrapped)  # a stand-in: only its class matters
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.add_module("fsdp", wrapped)
+    with pytest.raises(GradPrunerError, match=r"under FSDP1 \(FullyShardedDataParallel\); use FSDP2"):
+        IGIACallback(tmp_path / "s", steps=2).start_reading(SimpleNamespace(max_grad_norm=0.0), model, None)
+
+
 def test_finetune_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
     flags = ["--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--lora-dropout", "0", "--seed", "0",
              "--save-steps", "2", "--max-length", "64"]
@@ -139,6 +153,11 @@ def test_backend_is_chosen_from_stub_accelerate_states_and_env(monkeypatch):
     assert distributed.grad_backend(SimpleNamespace(distributed_state=state, deepspeed=None, fsdp=None)) == "plain"
     state = SimpleNamespace(distributed_type="DistributedType.FSDP")
     assert distributed.grad_backend(SimpleNamespace(distributed_state=state, deepspeed=None, fsdp=None)) == "fsdp"
+    from torch.distributed.tensor import DTensor
+
+    dtensor = torch.Tensor._make_subclass(DTensor, torch.zeros(2))  # a stand-in: FSDP2 makes parameters DTensors
+    whole, sharded = (SimpleNamespace(parameters=lambda t=t: iter([t])) for t in (torch.zeros(2), dtensor))
+    assert distributed.grad_backend(None, whole) == "plain" and distributed.grad_backend(None, sharded) == "fsdp"
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert distributed.grad_backend(None) == "deepspeed"
 
@@ -154,8 +173,8 @@ def test_accessor_calls_the_deepspeed_and_fsdp_apis_on_stubs(stub_deepspeed):
     assert distributed.full_grad(sharded, "fsdp") is whole
     p.ds_shape = torch.Size([4, 3])  # ZeRO-3 keeps the whole shape there; .shape is the partition's
     assert distributed.full_shape(p, "deepspeed") == (4, 3) and distributed.full_shape(p) == (2, 3)
-    assert distributed.module_name("_fsdp_wrapped_module.base_model.model.model.layers.0."
-                                   "_fsdp_wrapped_module.self_attn.q_proj") == "base_model.model.model.layers.0.self_attn.q_proj"
+    assert distributed.module_name("_orig_mod.base_model.model.model.layers.0."
+                                   "_checkpoint_wrapped_module.self_attn.q_proj") == "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 def test_capture_with_stub_deepspeed_reads_full_grads_inside_the_optimizer_step(stub_deepspeed, monkeypatch, tiny_llama, tmp_path):
@@ -166,7 +185,7 @@ def test_capture_with_stub_deepspeed_reads_full_grads_inside_the_optimizer_step(
 
     from gradpruner.scoring.capture import IGIACallback
 
-    monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
+    monkeypatch.setattr(distributed, "grad_backend", lambda args=None, model=None: "deepspeed")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))
     seen = []
     inner = SimpleNamespace(step=lambda: seen.append(len(stub_deepspeed)))
@@ -194,7 +213,7 @@ def test_capture_under_deepspeed_refuses_gradient_clipping(monkeypatch, tmp_path
     from gradpruner.errors import GradPrunerError
     from gradpruner.scoring.capture import IGIACallback
 
-    monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
+    monkeypatch.setattr(distributed, "grad_backend", lambda args=None, model=None: "deepspeed")
     cb = IGIACallback(tmp_path / "s", steps=2)
     with pytest.raises(GradPrunerError, match="before DeepSpeed clips them.*--max-grad-norm 0"):
         cb.start_reading(SimpleNamespace(max_grad_norm=1.0), None, SimpleNamespace(optimizer=SimpleNamespace(step=print)))
@@ -219,6 +238,6 @@ def test_full_grad_method_with_deepspeed_backend_forced_reads_through_the_access
     plain = scores()
     calls, real = [], distributed.full_grad
     monkeypatch.setattr(distributed, "full_grad", lambda p, backend="plain": calls.append(backend) or real(p))
-    monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
+    monkeypatch.setattr(distributed, "grad_backend", lambda args=None, model=None: "deepspeed")
     assert scores() == pytest.approx(plain, rel=1e-6)
     assert calls == ["deepspeed"] * (2 * 8 * 7)  # 2 steps x 8 layers x 7 linear modules, inside the step
