@@ -1,7 +1,8 @@
-"""Several processes: `torchrun --nproc_per_node 2` (CPU, gloo) gives the 1-process results; the
-full-gradient accessor picks the right way per backend. DeepSpeed and FSDP are stand-ins here (a stub
-`deepspeed` module, stub accelerate states and DTensor gradients): these tests prove which API our code
-calls and when, not that real DeepSpeed or FSDP runs agree (bench/deepspeed_cpu.py runs real DeepSpeed)."""
+"""Several processes: `torchrun --nproc_per_node 2` (CPU, gloo) gives the 1-process results, plainly (DDP)
+and sharded with FSDP2 (`score --fsdp`: torch's fully_shard, real DTensors); the full-gradient accessor
+picks the right way per backend. DeepSpeed is a stand-in here (a stub `deepspeed` module, stub accelerate
+states): those tests prove which API our code calls and when, not that real DeepSpeed runs agree
+(bench/deepspeed_cpu.py runs real DeepSpeed)."""
 from __future__ import annotations
 
 import json
@@ -34,9 +35,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, procs: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(*args, procs: int = 2, timeout: int = 240, script: Path = BIN / "gradpruner") -> subprocess.CompletedProcess:
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(BIN / "gradpruner"), *map(str, args)]
+           "--master_port", str(_free_port()), str(script), *map(str, args)]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -68,6 +69,47 @@ def test_score_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
     assert f1.keys() == f2.keys()
     for k in f1:
         _close(f2[k], f1[k])
+
+
+def test_score_sharded_with_fsdp2_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
+    """`score --fsdp`: every decoder layer and then the whole LoRA-wrapped model fully_shard-ed over 2 CPU
+    processes (gloo), the Trainer's steps on DTensors, whole gradients read with full_tensor(). The
+    method igia_saliency also reads the model after the steps (a whole copy, as the sharded one
+    cannot run on process 0 alone); its IGIA rules are those of igia and igia_norm. Two micro-batches
+    per step: the Trainer holds the reduce-scatter back until the last one."""
+    flags = [*SCORE[2:], "--method", "igia_saliency", "--grad-accum", "2"]
+    two = torchrun("score", "--model", tiny_llama, "--data", qa_file, *flags, "--fsdp", "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["score", "--model", str(tiny_llama), "--data", str(qa_file), *flags, "--out", str(tmp_path / "one")]) == 0
+    assert two.stdout.count("method igia_saliency; wrote") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["igia.safetensors", "layer_scores.png", "scores.json"]
+    s1, s2 = (json.loads((tmp_path / d / "scores.json").read_text()) for d in ("one", "two"))
+    assert s2["sharding"] == {"kind": "fsdp2", "processes": 2} and "sharding" not in s1
+    assert (s2["processes"], s2["steps"], s2["method"]) == (2, 4, "igia_saliency")
+    assert s2["layer_scores"] == pytest.approx(s1["layer_scores"], rel=1e-4)
+    for rule in ("igia", "igia_norm"):
+        assert s2["layer_scores_by_rule"][rule] == pytest.approx(s1["layer_scores_by_rule"][rule], rel=1e-4)
+    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-5)
+    f1, f2 = (load_file(str(tmp_path / d / "igia.safetensors")) for d in ("one", "two"))
+    assert f1.keys() == f2.keys()
+    for k in f1:
+        _close(f2[k], f1[k])
+
+
+def test_fsdp_needs_several_processes_and_an_igia_method(tiny_llama, qa_file, tmp_path, capsys, monkeypatch):
+    from gradpruner.models import sharding
+
+    assert main(["score", "--model", str(tiny_llama), "--data", str(qa_file), "--steps", "2", "--fsdp",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "--fsdp shards the model over the processes of a multi-process launch, but this is one process" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(GradPrunerError, match="method block_influence runs none"):
+        sharding.check_launch(True, lora_steps=False, method="block_influence")
+    sharding.check_launch(True, lora_steps=True)
+    sharding.check_launch(False, lora_steps=False)
 
 
 def test_capture_refuses_fsdp1(tmp_path):
