@@ -97,6 +97,20 @@ def test_score_sharded_with_fsdp2_on_two_processes_matches_one(tiny_llama, qa_fi
         _close(f2[k], f1[k])
 
 
+def test_fsdp2_sharded_model_is_gathered_whole_on_process_0(tiny_llama, tmp_path):
+    """finetune's gathering (`_whole` -> `sharding.full_state_dict`) on a fully_shard-ed LoRA model: every
+    tensor whole on process 0, with the values of the shards (doubled there) and process 0's LoRA init
+    (the processes start from different ones; shard() broadcasts process 0's)."""
+    res = torchrun(tiny_llama, tmp_path / "gathered.safetensors", script=Path(__file__).with_name("fsdp_gather.py"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = load_file(str(tmp_path / "gathered.safetensors"))
+    got = {k.removeprefix("got."): v for k, v in saved.items() if k.startswith("got.")}
+    expect = {k.removeprefix("expect."): v for k, v in saved.items() if k.startswith("expect.")}
+    assert got.keys() == expect.keys() and any("lora_B" in k for k in got)
+    for k in got:
+        torch.testing.assert_close(got[k], expect[k], rtol=0, atol=0)
+
+
 def test_fsdp_needs_several_processes_and_an_igia_method(tiny_llama, qa_file, tmp_path, capsys, monkeypatch):
     from gradpruner.models import sharding
 
