@@ -1,7 +1,8 @@
-"""Several processes: `torchrun --nproc_per_node 2` (CPU, gloo) gives the 1-process results; the
-full-gradient accessor picks the right way per backend. DeepSpeed and FSDP are stand-ins here (a stub
-`deepspeed` module, stub accelerate states and DTensor gradients): these tests prove which API our code
-calls and when, not that real DeepSpeed or FSDP runs agree (bench/deepspeed_cpu.py runs real DeepSpeed)."""
+"""Several processes: `torchrun --nproc_per_node 2` (CPU, gloo) gives the 1-process results, plainly (DDP)
+and sharded with FSDP2 (`score --fsdp`: torch's fully_shard, real DTensors); the full-gradient accessor
+picks the right way per backend. DeepSpeed is a stand-in here (a stub `deepspeed` module, stub accelerate
+states): those tests prove which API our code calls and when, not that real DeepSpeed runs agree
+(bench/deepspeed_cpu.py runs real DeepSpeed)."""
 from __future__ import annotations
 
 import json
@@ -34,9 +35,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, procs: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(*args, procs: int = 2, timeout: int = 240, script: Path = BIN / "gradpruner") -> subprocess.CompletedProcess:
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(procs), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(BIN / "gradpruner"), *map(str, args)]
+           "--master_port", str(_free_port()), str(script), *map(str, args)]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
@@ -68,6 +69,75 @@ def test_score_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
     assert f1.keys() == f2.keys()
     for k in f1:
         _close(f2[k], f1[k])
+
+
+def test_score_sharded_with_fsdp2_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
+    """`score --fsdp`: every decoder layer and then the whole LoRA-wrapped model fully_shard-ed over 2 CPU
+    processes (gloo), the Trainer's steps on DTensors, whole gradients read with full_tensor(). The
+    method igia_saliency also reads the model after the steps (a whole copy, as the sharded one
+    cannot run on process 0 alone); its IGIA rules are those of igia and igia_norm. Two micro-batches
+    per step: the Trainer holds the reduce-scatter back until the last one."""
+    flags = [*SCORE[2:], "--method", "igia_saliency", "--grad-accum", "2"]
+    two = torchrun("score", "--model", tiny_llama, "--data", qa_file, *flags, "--fsdp", "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert main(["score", "--model", str(tiny_llama), "--data", str(qa_file), *flags, "--out", str(tmp_path / "one")]) == 0
+    assert two.stdout.count("method igia_saliency; wrote") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["igia.safetensors", "layer_scores.png", "scores.json"]
+    s1, s2 = (json.loads((tmp_path / d / "scores.json").read_text()) for d in ("one", "two"))
+    assert s2["sharding"] == {"kind": "fsdp2", "processes": 2} and "sharding" not in s1
+    assert (s2["processes"], s2["steps"], s2["method"]) == (2, 4, "igia_saliency")
+    assert s2["layer_scores"] == pytest.approx(s1["layer_scores"], rel=1e-4)
+    for rule in ("igia", "igia_norm"):
+        assert s2["layer_scores_by_rule"][rule] == pytest.approx(s1["layer_scores_by_rule"][rule], rel=1e-4)
+    assert s2["losses"] == pytest.approx(s1["losses"], rel=1e-5)
+    f1, f2 = (load_file(str(tmp_path / d / "igia.safetensors")) for d in ("one", "two"))
+    assert f1.keys() == f2.keys()
+    for k in f1:
+        _close(f2[k], f1[k])
+
+
+def test_fsdp2_sharded_model_is_gathered_whole_on_process_0(tiny_llama, tmp_path):
+    """finetune's gathering (`_whole` -> `sharding.full_state_dict`) on a fully_shard-ed LoRA model: every
+    tensor whole on process 0, with the values of the shards (doubled there) and process 0's LoRA init
+    (the processes start from different ones; shard() broadcasts process 0's)."""
+    res = torchrun(tiny_llama, tmp_path / "gathered.safetensors", script=Path(__file__).with_name("fsdp_gather.py"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = load_file(str(tmp_path / "gathered.safetensors"))
+    got = {k.removeprefix("got."): v for k, v in saved.items() if k.startswith("got.")}
+    expect = {k.removeprefix("expect."): v for k, v in saved.items() if k.startswith("expect.")}
+    assert got.keys() == expect.keys() and any("lora_B" in k for k in got)
+    for k in got:
+        torch.testing.assert_close(got[k], expect[k], rtol=0, atol=0)
+
+
+def test_fsdp_needs_several_processes_and_an_igia_method(tiny_llama, qa_file, tmp_path, capsys, monkeypatch):
+    from gradpruner.models import sharding
+
+    assert main(["score", "--model", str(tiny_llama), "--data", str(qa_file), "--steps", "2", "--fsdp",
+                 "--out", str(tmp_path / "s")]) == 2
+    assert "--fsdp shards the model over the processes of a multi-process launch, but this is one process" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(GradPrunerError, match="method block_influence runs none"):
+        sharding.check_launch(True, lora_steps=False, method="block_influence")
+    sharding.check_launch(True, lora_steps=True)
+    sharding.check_launch(False, lora_steps=False)
+
+
+def test_capture_refuses_fsdp1(tmp_path):
+    """FSDP1's flat-parameter gradients are not read (no summon_full_params path): one sentence instead."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from gradpruner.scoring.capture import IGIACallback
+
+    wrapped = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    torch.nn.Module.__init__(wrapped)  # a stand-in: only its class matters
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.add_module("fsdp", wrapped)
+    with pytest.raises(GradPrunerError, match=r"under FSDP1 \(FullyShardedDataParallel\); use FSDP2"):
+        IGIACallback(tmp_path / "s", steps=2).start_reading(SimpleNamespace(max_grad_norm=0.0), model, None)
 
 
 def test_finetune_on_two_processes_matches_one(tiny_llama, qa_file, tmp_path):
@@ -139,6 +209,11 @@ def test_backend_is_chosen_from_stub_accelerate_states_and_env(monkeypatch):
     assert distributed.grad_backend(SimpleNamespace(distributed_state=state, deepspeed=None, fsdp=None)) == "plain"
     state = SimpleNamespace(distributed_type="DistributedType.FSDP")
     assert distributed.grad_backend(SimpleNamespace(distributed_state=state, deepspeed=None, fsdp=None)) == "fsdp"
+    from torch.distributed.tensor import DTensor
+
+    dtensor = torch.Tensor._make_subclass(DTensor, torch.zeros(2))  # a stand-in: FSDP2 makes parameters DTensors
+    whole, sharded = (SimpleNamespace(parameters=lambda t=t: iter([t])) for t in (torch.zeros(2), dtensor))
+    assert distributed.grad_backend(None, whole) == "plain" and distributed.grad_backend(None, sharded) == "fsdp"
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert distributed.grad_backend(None) == "deepspeed"
 
@@ -154,8 +229,8 @@ def test_accessor_calls_the_deepspeed_and_fsdp_apis_on_stubs(stub_deepspeed):
     assert distributed.full_grad(sharded, "fsdp") is whole
     p.ds_shape = torch.Size([4, 3])  # ZeRO-3 keeps the whole shape there; .shape is the partition's
     assert distributed.full_shape(p, "deepspeed") == (4, 3) and distributed.full_shape(p) == (2, 3)
-    assert distributed.module_name("_fsdp_wrapped_module.base_model.model.model.layers.0."
-                                   "_fsdp_wrapped_module.self_attn.q_proj") == "base_model.model.model.layers.0.self_attn.q_proj"
+    assert distributed.module_name("_orig_mod.base_model.model.model.layers.0."
+                                   "_checkpoint_wrapped_module.self_attn.q_proj") == "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 def test_capture_with_stub_deepspeed_reads_full_grads_inside_the_optimizer_step(stub_deepspeed, monkeypatch, tiny_llama, tmp_path):
@@ -166,7 +241,7 @@ def test_capture_with_stub_deepspeed_reads_full_grads_inside_the_optimizer_step(
 
     from gradpruner.scoring.capture import IGIACallback
 
-    monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
+    monkeypatch.setattr(distributed, "grad_backend", lambda args=None, model=None: "deepspeed")
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama), LoraConfig(r=2, target_modules=["q_proj"]))
     seen = []
     inner = SimpleNamespace(step=lambda: seen.append(len(stub_deepspeed)))
@@ -194,7 +269,7 @@ def test_capture_under_deepspeed_refuses_gradient_clipping(monkeypatch, tmp_path
     from gradpruner.errors import GradPrunerError
     from gradpruner.scoring.capture import IGIACallback
 
-    monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
+    monkeypatch.setattr(distributed, "grad_backend", lambda args=None, model=None: "deepspeed")
     cb = IGIACallback(tmp_path / "s", steps=2)
     with pytest.raises(GradPrunerError, match="before DeepSpeed clips them.*--max-grad-norm 0"):
         cb.start_reading(SimpleNamespace(max_grad_norm=1.0), None, SimpleNamespace(optimizer=SimpleNamespace(step=print)))
@@ -219,6 +294,6 @@ def test_full_grad_method_with_deepspeed_backend_forced_reads_through_the_access
     plain = scores()
     calls, real = [], distributed.full_grad
     monkeypatch.setattr(distributed, "full_grad", lambda p, backend="plain": calls.append(backend) or real(p))
-    monkeypatch.setattr(distributed, "grad_backend", lambda args=None: "deepspeed")
+    monkeypatch.setattr(distributed, "grad_backend", lambda args=None, model=None: "deepspeed")
     assert scores() == pytest.approx(plain, rel=1e-6)
     assert calls == ["deepspeed"] * (2 * 8 * 7)  # 2 steps x 8 layers x 7 linear modules, inside the step

@@ -203,9 +203,10 @@ def test_config_refuses_a_guarded_variant_without_a_layer_count_and_keys_it_by_t
 
 def test_the_registry_says_which_methods_are_variants():
     from gradpruner.scoring.methods import METHODS
-    from gradpruner.scoring.variants import VARIANTS
+    from gradpruner.scoring.variants import READS_MODEL, VARIANTS
 
     assert {n for n, m in METHODS.items() if m.kind == "variant"} == set(VARIANTS)
+    assert READS_MODEL < set(VARIANTS)  # those score --fsdp gives a whole model after the steps
     assert {n for n, m in METHODS.items() if m.kind == "igia"} == {"igia", "igia_norm"}
     assert all(m.fn is not None for m in METHODS.values() if m.kind == "direct")
 

@@ -7,7 +7,7 @@ from gradpruner.data.examples import load_examples, tokenize
 from gradpruner.data.tasks import SPLIT_SEED
 from gradpruner.errors import Collect, GradPrunerError, lookup
 from gradpruner.measure.costs import param_counts
-from gradpruner.models import architectures, experts
+from gradpruner.models import architectures, experts, sharding
 from gradpruner.models.runtime import resolve as resolve_runtime
 from gradpruner.models.loading import (
     check_model,
@@ -61,7 +61,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     weights in its dtype, the LoRA factors in float32 with autocast (``models.runtime``).
     """
     from gradpruner.scoring.methods import METHODS, Context
-    from gradpruner.scoring.variants import statistics, variant_scores
+    from gradpruner.scoring.variants import READS_MODEL, statistics, variant_scores
 
     c = options.settings(ScoreConfig, config, settings, "score setting")
     method, steps, rank, alpha, lr = c.method, c.steps, c.rank, c.alpha, c.lr
@@ -77,6 +77,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
             steps = check(resolve_steps, steps, steps_fraction, planned_steps)
         check.problems.extend(_score_flag_problems(adapter, calib_examples, rank, batch_size, grad_accum, lr))
         rt = check(resolve_runtime, runtime)
+        check(sharding.check_launch, c.fsdp, spec is None or spec.lora_steps, method)
         source = check(resolve_model, model)
         if source is not None and rt is not None:
             check(check_model, source, rt.trust_remote_code, rt.allow_pickle)
@@ -102,6 +103,8 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
     }
     if distributed.world_size() > 1:
         meta["processes"] = distributed.world_size()
+    if c.fsdp:
+        meta["sharding"] = {"kind": sharding.KIND, "processes": distributed.world_size()}
 
     def produce(tmp: Path | None) -> dict | None:
         """Score into ``tmp`` (process 0); the other processes (``tmp`` None) only take part in the training."""
@@ -115,13 +118,16 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
             _train_lora(base, tok, features, names, cb, steps=steps, rank=rank, alpha=alpha, lr=lr,
                         batch_size=batch_size, grad_accum=grad_accum, seed=seed, dropout=lora_dropout,
                         max_grad_norm=max_grad_norm, adapter=adapter, work_dir=tmp / ".trainer" if tmp else None,
-                        parameters=params, runtime=rt)
+                        parameters=params, runtime=rt, fsdp=c.fsdp)
             if tmp is None:
                 return None
             result = read_json(tmp / "scores.json", "Scores file")
             result["method"] = method
             if spec.kind == "variant":
-                result["layer_scores"] = variant_scores(method, base, result, tmp / "igia.safetensors", stats)
+                # --fsdp left ``base`` sharded over the processes: a variant that reads it gets a whole copy
+                whole = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) \
+                    if c.fsdp and method in READS_MODEL else base
+                result["layer_scores"] = variant_scores(method, whole, result, tmp / "igia.safetensors", stats)
                 result["variant_statistics"] = stats
             else:
                 result["layer_scores"] = result["layer_scores_by_rule"][method]
@@ -163,9 +169,11 @@ def _score_flag_problems(adapter, calib_examples, rank, batch_size, grad_accum, 
 
 
 def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr, batch_size, grad_accum,
-                seed, dropout, max_grad_norm, work_dir, adapter="lora", parameters=None, runtime=None) -> None:
+                seed, dropout, max_grad_norm, work_dir, adapter="lora", parameters=None, runtime=None,
+                fsdp=False) -> None:
     """Attach LoRA to every listed linear module (and fused expert parameter) and train ``steps``
-    optimizer steps with ``callback``."""
+    optimizer steps with ``callback``; ``fsdp``: sharded with FSDP2 over the processes first
+    (``models.sharding``), which leaves ``base`` sharded."""
     from transformers import set_seed
 
     from gradpruner.models.lora import attach_lora
@@ -174,8 +182,11 @@ def _train_lora(base, tok, features, names, callback, *, steps, rank, alpha, lr,
     set_seed(seed)
     model = attach_lora(base, rank=rank, alpha=alpha, dropout=dropout, target_modules=names, adapter=adapter,
                         target_parameters=parameters)
+    if fsdp:
+        sharding.shard(model)
     try:
         train_steps(model, tok, features, callback, steps=steps, batch_size=batch_size, grad_accum=grad_accum,
                     lr=lr, seed=seed, max_grad_norm=max_grad_norm, work_dir=work_dir, progress=True, runtime=runtime)
     finally:
-        model.unload()  # leave the base model as it was
+        if not fsdp:
+            model.unload()  # leave the base model as it was

@@ -29,7 +29,7 @@ from gradpruner.errors import Collect, GradPrunerError, lookup
 from gradpruner.finetuning import teacher_cache
 from gradpruner.finetuning.config import MODES, FinetuneConfig
 from gradpruner.finetuning.last_layers import train_last_layers, trainable_parameters
-from gradpruner.models import architectures
+from gradpruner.models import architectures, sharding
 from gradpruner.models.loading import (
     base_model,
     check_model,
@@ -368,11 +368,15 @@ def _in_precision(model, cfg, reload, save_dtype):
 
 
 def _whole(trainer, model, cfg, reload):
-    """``model`` itself for one process or DDP; under FSDP or DeepSpeed (sharded weights) the gathered
+    """``model`` itself for one process or DDP; under FSDP2 or DeepSpeed (sharded weights) the gathered
     state dict loaded into a fresh copy on process 0, None on the others."""
-    if distributed.grad_backend(trainer.args) == distributed.PLAIN or reload is None:
+    backend = distributed.grad_backend(trainer.args, trainer.model_wrapped)
+    if backend == distributed.PLAIN or reload is None:
         return model
-    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective: every process
+    if backend == distributed.FSDP:  # a collective: every process
+        state = sharding.full_state_dict(trainer.model_wrapped)
+    else:
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not distributed.is_main():
         return None
     fresh = _peft_model(reload(), cfg) if cfg.mode == "lora" else reload(torch.float32)

@@ -111,14 +111,13 @@ class IGIACallback(distributed.GradientReader, TrainerCallback):
         self.num_layers = self.num_layers or (max(self.module_layer.values()) + 1)
         self.is_main = state.is_world_process_zero  # only process 0 writes; all capture (collectives)
         self.start_reading(args, model, kwargs.get("optimizer"))
-        with distributed.gathered(model, self.backend, grads=False):
-            shapes = {}
-            for name, (a, b) in self.modules.items():
-                shape_a = distributed.full_shape(a.weight, self.backend)
-                shape_b = distributed.full_shape(b.weight, self.backend)
-                if name in self.experts:  # stored per expert: [E, r, in] and [E, out, r]
-                    shape_a, shape_b = experts.split_shapes(shape_a, shape_b, self.experts[name])
-                shapes[f"{name}.grad_A"], shapes[f"{name}.grad_B"] = shape_a, shape_b
+        shapes = {}
+        for name, (a, b) in self.modules.items():
+            shape_a = distributed.full_shape(a.weight, self.backend)
+            shape_b = distributed.full_shape(b.weight, self.backend)
+            if name in self.experts:  # stored per expert: [E, r, in] and [E, out, r]
+                shape_a, shape_b = experts.split_shapes(shape_a, shape_b, self.experts[name])
+            shapes[f"{name}.grad_A"], shapes[f"{name}.grad_B"] = shape_a, shape_b
         self.shapes = shapes
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ class ScoreConfig:
     lora_dropout: float = opt(0.0, "LoRA dropout of the early steps")
     max_grad_norm: float = opt(0.0, "clip gradients (0 = off, so raw gradients are scored)")
     adapter: str = opt("lora", "adapter whose gradients IGIA reads: lora or dora")
+    fsdp: bool = opt(False, "shard the LoRA-wrapped model with FSDP2 (torch fully_shard: each decoder layer, then the "
+                     "whole model) over the processes of torchrun; IGIA methods, 2 or more processes", run=False)
     calib_examples: int = opt(64, "task examples for block_influence, taylor, laco and the guard of igia_guarded")
     laco_group: int = opt(4, "laco: layers per collapse (the base and group-1 merged into it)")
     laco_threshold: float = opt(0.65, "laco: keep a collapse if hidden states stay this cosine-similar")

@@ -191,6 +191,7 @@ VARIANTS: dict[str, tuple[Variant, str | None]] = {
     "igia_guarded_loss": (_guarded("removal_loss"), "removal_loss"),
     "igia_greedy": (_igia_greedy, "greedy"),
 }
+READS_MODEL = frozenset({"igia_saliency", "igia_greedy"})  # variants that read the model after the steps
 TARGETED_METHODS = ("greedy_loss",)  # direct methods whose scores depend on the count too (laco is keyed apart)
 
 

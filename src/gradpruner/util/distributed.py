@@ -1,18 +1,19 @@
 """Several processes (``torchrun`` / ``accelerate launch``): who writes, how errors agree, full gradients.
 
 Every process runs the same command. ``--batch-size`` is the global batch of one optimizer step,
-split evenly over the processes; the Trainer averages the gradients (DDP all-reduce, FSDP
+split evenly over the processes; the Trainer averages the gradients (DDP all-reduce, FSDP2
 reduce-scatter or DeepSpeed) and normalises the loss by the token count of the whole global batch.
 Only process 0 writes the outputs: ``on_main`` runs the writing there and hands its result, or its
 error, to every process, so all of them return the same value or fail with the same message.
 
 Gradient capture reads the *full* averaged gradient of a parameter: ``.grad`` for one process and
-DDP, the gathered gradient under FSDP (``summon_full_params(with_grads=True)``, or a DTensor's
-``full_tensor()``) and ``deepspeed.utils.safe_get_full_grad`` under DeepSpeed ZeRO.
+DDP, the DTensor gradient's ``full_tensor()`` under FSDP2 (``fully_shard``: ``score --fsdp``, see
+``gradpruner.models.sharding``, or accelerate's ``fsdp_version: 2``) and
+``deepspeed.utils.safe_get_full_grad`` under DeepSpeed ZeRO. FSDP1 (``FullyShardedDataParallel``) is
+refused: its flat-parameter gradients would need ``summon_full_params``, a path never run here.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -63,8 +64,9 @@ def per_device_batch(batch_size: int, grad_accum: int = 1) -> int:
     return batch_size // grad_accum // world_size()
 
 
-def _ensure_group() -> None:
-    """Start the process group the way the Trainer does (accelerate's ``PartialState``) if no Trainer has."""
+def ensure_group() -> None:
+    """Start the process group the way the Trainer does (accelerate's ``PartialState``: gloo on CPU,
+    NCCL on GPUs) if no Trainer has."""
     if not _initialized():
         from accelerate import PartialState
 
@@ -73,7 +75,7 @@ def _ensure_group() -> None:
 
 def barrier() -> None:
     if world_size() > 1:
-        _ensure_group()
+        ensure_group()
         torch.distributed.barrier()
 
 
@@ -99,7 +101,7 @@ def on_main(main, others=None, wait: bool = False):
         value = main() if is_main() else (others() if others is not None else None)
     except BaseException as exc:  # noqa: BLE001 - handed to the other processes, then raised again
         error = exc
-    _ensure_group()
+    ensure_group()
     payload = [(error is None, value if error is None else _describe(error))] if is_main() else [None]
     torch.distributed.broadcast_object_list(payload, src=0)
     ok, shared = payload[0]
@@ -123,8 +125,10 @@ def any_process(flag: bool) -> bool:
 
 # --- full gradients ---------------------------------------------------------------------------
 
-def grad_backend(args=None) -> str:
-    """How gradients are laid out in this run: ``plain`` (one process, DDP), ``fsdp`` or ``deepspeed``."""
+def grad_backend(args=None, model=None) -> str:
+    """How gradients are laid out in this run: ``plain`` (one process, DDP), ``fsdp`` or ``deepspeed``.
+    A ``model`` whose parameters are DTensors (sharded with ``fully_shard``, as ``score --fsdp`` does
+    in ``gradpruner.models.sharding``) is ``fsdp`` whatever the Trainer was told."""
     kind = None
     state = getattr(args, "distributed_state", None) if args is not None else None
     if state is not None:
@@ -133,18 +137,40 @@ def grad_backend(args=None) -> str:
             or (args is not None and getattr(args, "deepspeed", None)):
         return DEEPSPEED
     if (kind and "FSDP" in kind) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" \
-            or (args is not None and getattr(args, "fsdp", None)):
+            or (args is not None and getattr(args, "fsdp", None)) or is_sharded(model):
         return FSDP
     return PLAIN
+
+
+def is_sharded(model) -> bool:
+    """Whether any parameter of ``model`` is a DTensor (FSDP2 ``fully_shard``)."""
+    if model is None or not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5: no public DTensor, and no fully_shard either
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def check_not_fsdp1(model, who: str) -> None:
+    """Refuse a model wrapped in FSDP1 (``FullyShardedDataParallel``): its gradients are flat shards."""
+    if model is None or not torch.distributed.is_available():
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise GradPrunerError(f"{who} cannot read whole gradients under FSDP1 (FullyShardedDataParallel); use FSDP2: "
+                              "`gradpruner score --fsdp` under torchrun, or fsdp_version: 2 in the accelerate config.")
 
 
 def full_grad(param: torch.Tensor, backend: str = PLAIN) -> torch.Tensor | None:
     """The whole (averaged) gradient of ``param``, or None when it has none.
 
-    ``plain``: ``param.grad``. ``fsdp``: a DTensor gradient (FSDP2) is gathered with ``full_tensor()``;
-    FSDP1 with ``use_orig_params`` must be read inside ``gathered(model, "fsdp")``, where ``.grad`` is
-    whole. ``deepspeed``: ``deepspeed.utils.safe_get_full_grad`` (a collective under ZeRO-3: every
-    process must call it for the same parameters, before DeepSpeed's optimizer step)."""
+    ``plain``: ``param.grad``. ``fsdp``: a DTensor gradient (FSDP2) is gathered with ``full_tensor()``
+    (a collective: every process must call it for the same parameters). ``deepspeed``:
+    ``deepspeed.utils.safe_get_full_grad`` (a collective under ZeRO-3: every process must call it for
+    the same parameters, before DeepSpeed's optimizer step)."""
     if backend == DEEPSPEED:
         from deepspeed.utils import safe_get_full_grad
 
@@ -156,25 +182,9 @@ def full_grad(param: torch.Tensor, backend: str = PLAIN) -> torch.Tensor | None:
 
 
 def full_shape(param: torch.Tensor, backend: str = PLAIN) -> tuple[int, ...]:
-    """The unsharded shape of ``param`` (ZeRO-3 keeps it in ``ds_shape``; a DTensor reports it)."""
+    """The unsharded shape of ``param`` (ZeRO-3 keeps it in ``ds_shape``; a DTensor's ``shape`` is the whole one)."""
     shape = getattr(param, "ds_shape", None) if backend == DEEPSPEED else None
     return tuple(shape if shape is not None else param.shape)
-
-
-@contextlib.contextmanager
-def gathered(model, backend: str = PLAIN, grads: bool = True):
-    """Inside, FSDP1 parameters (and with ``grads`` their gradients) are whole on every process;
-    nothing to do for the other backends. A collective under FSDP: every process must enter it."""
-    if backend != FSDP or model is None:
-        yield
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        yield  # FSDP2 (fully_shard): DTensors, handled by full_grad / full_shape
-        return
-    with FullyShardedDataParallel.summon_full_params(model, recurse=True, writeback=False, with_grads=grads):
-        yield
 
 
 def call_before_step(optimizer, fn) -> bool:
@@ -200,14 +210,14 @@ def call_before_step(optimizer, fn) -> bool:
 class GradientReader:
     """Mixin for a ``TrainerCallback`` whose ``read()`` runs once per optimizer step while the whole
     averaged gradients exist: at ``on_pre_optimizer_step``, or under DeepSpeed (whose step runs
-    earlier, inside the backward) first thing in its optimizer step; under FSDP1 inside ``gathered``.
-    A subclass calls ``start_reading`` from its ``on_train_begin`` and defines ``read`` (and
-    ``reading``, False to skip a step without entering ``gathered``)."""
+    earlier, inside the backward) first thing in its optimizer step. A subclass calls ``start_reading``
+    from its ``on_train_begin`` and defines ``read`` (and ``reading``, False to skip a step)."""
 
     backend, grad_model = PLAIN, None
 
     def start_reading(self, args, model, optimizer) -> None:
-        self.backend, self.grad_model = grad_backend(args), model
+        check_not_fsdp1(model, type(self).__name__)
+        self.backend, self.grad_model = grad_backend(args, model), model
         if self.backend == DEEPSPEED and (getattr(args, "max_grad_norm", 0) or 0) > 0:
             # measured: a plain run reads the gradients after the Trainer has clipped them (it clips before
             # on_pre_optimizer_step), a DeepSpeed run before DeepSpeed clips them (inside its step), so the
@@ -232,12 +242,12 @@ class GradientReader:
 
     def _read(self) -> None:
         if self.reading():
-            with gathered(self.grad_model, self.backend):
-                self.read()
+            self.read()
 
 
 def module_name(name: str) -> str:
-    """A module name without the wrappers FSDP and activation checkpointing insert."""
-    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod."):
+    """A module name without the wrappers activation checkpointing and ``torch.compile`` insert (FSDP2
+    renames nothing)."""
+    for wrapper in ("_checkpoint_wrapped_module.", "_orig_mod."):
         name = name.replace(wrapper, "")
     return name
