@@ -37,8 +37,10 @@ class RuntimeConfig:
                      "else float32), float32, bfloat16 or float16")
     attn_implementation: str | None = opt(None, "attention kernel: eager, sdpa, flash_attention_2, ... "
                                           "(default: transformers' own choice)")
-    trust_remote_code: bool = opt(False, "allow code shipped with the model to run (off by default)")
-    allow_pickle: bool = opt(False, "accept pickled .bin weights, which can run code (safetensors only by default)")
+    trust_remote_code: bool = opt(False, "allow code shipped with the model to run (off by default)",
+                                  action="store_true")
+    allow_pickle: bool = opt(False, "accept pickled .bin weights, which can run code (safetensors only by default)",
+                             action="store_true")
 
 
 @dataclass(frozen=True)
