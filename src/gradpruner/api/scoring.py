@@ -125,8 +125,7 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
             result["method"] = method
             if spec.kind == "variant":
                 # --fsdp left ``base`` sharded over the processes: a variant that reads it gets a whole copy
-                whole = load_model(source, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) \
-                    if c.fsdp and method in READS_MODEL else base
+                whole = load_model(source, rt) if c.fsdp and method in READS_MODEL else base
                 result["layer_scores"] = variant_scores(method, whole, result, tmp / "igia.safetensors", stats)
                 result["variant_statistics"] = stats
             else:
