@@ -15,6 +15,7 @@ from gradpruner.models.loading import (
     load_model,
     load_tokenizer,
     resolve_model,
+    stored_dtype,
 )
 from gradpruner.models.runtime import resolve as resolve_runtime
 from gradpruner.planning import plans as planning
@@ -78,8 +79,8 @@ def heal(model_dense: str, pruned: str | Path, out: str | Path, plan: str | Path
     extra = {"heal.json": report}
     if isinstance(small, Path) and (small / "gradpruner.json").is_file():
         extra["gradpruner.json"] = read_json(small / "gradpruner.json", "Prune record")
-    dtype = getattr(small_config, "dtype", None)
-    if isinstance(dtype, torch.dtype) and dtype.is_floating_point and dtype != torch.float32:
+    dtype = stored_dtype(small_config)
+    if dtype != torch.float32:
         small_model.to(dtype)  # fitted in float32, saved as the pruned checkpoint was
         small_model.config.dtype = dtype
     with atomic_dir(out, overwrite=overwrite) as tmp:

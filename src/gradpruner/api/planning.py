@@ -4,8 +4,6 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import torch
-
 from gradpruner.api.inputs import read_scores
 from gradpruner.errors import Collect, GradPrunerError, lookup
 from gradpruner.models import architectures
@@ -15,6 +13,7 @@ from gradpruner.models.loading import (
     load_model,
     meta_model,
     resolve_model,
+    stored_dtype,
 )
 from gradpruner.planning import blocks as planning_blocks
 from gradpruner.planning import plans as planning
@@ -103,8 +102,7 @@ def _measured_target(c: PlanConfig, model: str, layer_scores: list[float], data:
                               "give the model the scores came from.")
     order = sorted(range(len(layers)), key=lambda j: (layer_scores[j], j))[:-1]  # make_plan's removal order
     if c.target_memory is not None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        itemsize = (getattr(torch, dtype) if isinstance(dtype, str) else dtype).itemsize
+        itemsize = stored_dtype(config).itemsize
         per_layer = [targets.weight_bytes(layer, itemsize) for layer in layers]
         total = targets.weight_bytes(dense, itemsize)
         k = targets.layers_for_memory(total, per_layer, order, c.target_memory)

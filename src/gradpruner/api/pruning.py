@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import torch
-
 from gradpruner.api.healing import heal
 from gradpruner.api.inputs import read_plan
 from gradpruner.data.examples import load_examples
@@ -17,6 +15,7 @@ from gradpruner.models.loading import (
     load_model,
     load_tokenizer,
     resolve_model,
+    stored_dtype,
 )
 from gradpruner.models.runtime import resolve as resolve_runtime
 from gradpruner.planning import plans as planning
@@ -130,7 +129,7 @@ def _prune_in_memory(source, config, the_plan: dict, factors, density: float, me
     from gradpruner.pruning.merging import merge_layers
     from gradpruner.pruning.surgery import move_mlp_blocks, remove_layers
 
-    model_obj = load_model(source, rt, dtype=getattr(config, "dtype", None) or torch.float32)
+    model_obj = load_model(source, rt, dtype=stored_dtype(config))
     tok = load_tokenizer(source, rt.trust_remote_code)
     stats = merge_layers(model_obj, the_plan["merge"], factors, density, merge_rule) if the_plan["merge"] else {}
     move_mlp_blocks(model_obj, the_plan.get("mlp_from") or {})

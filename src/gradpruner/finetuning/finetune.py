@@ -37,6 +37,7 @@ from gradpruner.models.loading import (
     load_tokenizer,
     resolve_model,
     save_model,
+    stored_dtype,
 )
 from gradpruner.models.lora import attach_lora
 from gradpruner.models.runtime import resolve as resolve_runtime
@@ -187,7 +188,7 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
     run = {"config": dataclasses.asdict(cfg), "model": str(source), "task": task,
            "data": str(Path(data).resolve()) if data else None, "train_examples": len(features)}
     checkpoint = _resume_point(ckpt, run) if resume else None
-    save_dtype = _source_dtype(model_config)
+    save_dtype = stored_dtype(model_config)
     rt.activate()
     # the frozen LoRA base in the runtime's precision; weights that are trained in float32
     base = load_model(source, rt, dtype=None if cfg.mode == "lora" else torch.float32)
@@ -266,14 +267,6 @@ def _check_mode(cfg: FinetuneConfig, model_config) -> None:
     if cfg.mode == "last_layers" and isinstance(n, int) and cfg.train_last > n:
         raise GradPrunerError(f"--train-last {cfg.train_last} is more than the model's {n} decoder layers; "
                               f"use at most {n} (all of them trains every decoder layer and the final norm).")
-
-
-def _source_dtype(model_config):
-    """The precision the source checkpoint stores (float32 when its config does not say)."""
-    dtype = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def _teacher_cache(cfg: FinetuneConfig, ckpt: Path, features: list[dict], tok, rt) -> tuple[dict, dict]:

@@ -286,6 +286,17 @@ def load_model(source: Path | str, runtime=None, dtype=None):
     return model
 
 
+def stored_dtype(config):
+    """The precision a checkpoint stores its weights in, from its config (float32 when it does not say):
+    what a stage that writes the checkpoint back keeps."""
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def meta_model(config):
     """The model built on the meta device from its config: names and shapes, no memory."""
     import torch
