@@ -61,11 +61,16 @@ def _add_runtime_overrides(p) -> None:
                 RuntimeConfig, typed_only=True)
 
 
-def _runtime_overrides(args) -> list[str]:
+def _typed_overrides(section: str, cls, args) -> list[str]:
+    """``section.key=value`` run-config overrides for the flags of ``cls`` the user typed (added with
+    ``typed_only``: a flag not typed is absent from ``args``)."""
     import json
-    from dataclasses import fields
 
-    return [f"runtime.{f.name}={json.dumps(getattr(args, f.name))}" for f in fields(RuntimeConfig) if hasattr(args, f.name)]
+    return [f"{section}.{f.name}={json.dumps(getattr(args, f.name))}" for f in cli_fields(cls) if hasattr(args, f.name)]
+
+
+def _runtime_overrides(args) -> list[str]:
+    return _typed_overrides("runtime", RuntimeConfig, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,9 +351,7 @@ def _search_overrides(args) -> list[str]:
         out.append("task=null")
     if args.out is None and args.config is None:
         out.append("out=runs/search")
-    given = {f.name: getattr(args, f.name) for f in cli_fields(SearchConfig) if hasattr(args, f.name)}
-    out += [f"search.{k}={json.dumps(v)}" for k, v in given.items()]
-    return out + list(args.overrides) + _runtime_overrides(args)
+    return out + _typed_overrides("search", SearchConfig, args) + list(args.overrides) + _runtime_overrides(args)
 
 
 def _heal_summary(res: dict) -> str:

@@ -15,7 +15,6 @@ so the CLI can build its flags from ``RuntimeConfig`` without it.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -107,9 +106,8 @@ def describe(model) -> dict:
     return {"device": str(p.device), "dtype": str(p.dtype).removeprefix("torch.")}
 
 
-def runtime_config(value=None, **given) -> RuntimeConfig:
-    """A ``RuntimeConfig`` from None (defaults), a config, a resolved ``Runtime`` or a dict, with ``given``
-    applied (``trust_remote_code=…``, ``allow_pickle=…``)."""
+def runtime_config(value=None) -> RuntimeConfig:
+    """A ``RuntimeConfig`` from None (defaults), a config, a resolved ``Runtime`` or a dict."""
     if isinstance(value, Runtime):
         value = RuntimeConfig(device=str(value.device), dtype=value.dtype_name,
                               attn_implementation=value.attn_implementation,
@@ -120,15 +118,15 @@ def runtime_config(value=None, **given) -> RuntimeConfig:
         value = RuntimeConfig()
     elif not isinstance(value, RuntimeConfig):
         raise GradPrunerError(f"runtime must be a RuntimeConfig, a Runtime or a dict, not a {type(value).__name__}.")
-    return dataclasses.replace(value, **{k: v for k, v in given.items() if v is not None})
+    return value
 
 
-def resolve(value=None, **given) -> Runtime:
+def resolve(value=None) -> Runtime:
     """The concrete runtime for ``value`` (see ``runtime_config``); a device that is not there, or a dtype
     it cannot run, is one clear error. A resolved ``Runtime`` is returned as it is."""
-    if isinstance(value, Runtime) and not given:
+    if isinstance(value, Runtime):
         return value
-    cfg = runtime_config(value, **given)
+    cfg = runtime_config(value)
     device = _device(cfg.device)
     dtype = _dtype(cfg.dtype, device)
     if cfg.attn_implementation is not None and cfg.attn_implementation not in ATTENTION:
@@ -145,10 +143,11 @@ def _device(spec: str):
             return torch.device("cpu")
         local = int(os.environ.get("LOCAL_RANK", "0") or 0)  # torchrun: one GPU per process
         return torch.device("cuda", local % torch.cuda.device_count())
+    unknown = GradPrunerError(f"Unknown --device {spec!r}; use {', '.join(DEVICES[:-1])} or {DEVICES[-1]}.")
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):
-        raise GradPrunerError(f"Unknown --device {spec!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+        raise unknown from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise GradPrunerError(f"--device {spec} was asked for but no CUDA GPU is visible; use --device cpu "
@@ -163,7 +162,7 @@ def _device(spec: str):
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise GradPrunerError("--device mps was asked for but this machine has no Apple GPU; use --device cpu.")
     elif device.type not in ("cpu", "meta"):  # meta: shapes only, the tests' stand-in accelerator (nothing runs)
-        raise GradPrunerError(f"Unknown --device {spec!r}; use auto, cpu, cuda, cuda:N or mps.")
+        raise unknown
     return device
 
 
