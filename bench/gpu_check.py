@@ -27,29 +27,16 @@ import gradpruner
 from gradpruner.evaluation.evaluate import evaluate
 from gradpruner.finetuning.finetune import finetune
 from gradpruner.measure.bench import bench_models
+from gradpruner.measure.costs import peak_mb, reset_peak
 from gradpruner.measure.memory import stage_memory
 from gradpruner.models.loading import load_config, resolve_model
 from gradpruner.models.runtime import RuntimeConfig, resolve
 from gradpruner.util.versions import versions
 
 
-def _peak_reset(rt) -> None:
-    if rt.on_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_mib(rt) -> float | None:
-    if not rt.on_cuda:
-        return None
-    torch.cuda.synchronize()
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
 def stage(results: dict, name: str, rt, fn):
     """Run one stage, keep its seconds, peak GPU memory and what it returned (or its error)."""
-    _peak_reset(rt)
+    reset_peak(str(rt.device))
     t0 = time.perf_counter()
     print(f"== {name}", flush=True)
     try:
@@ -58,7 +45,7 @@ def stage(results: dict, name: str, rt, fn):
     except Exception as exc:  # noqa: BLE001 - recorded, and the check goes on to the stages that can
         out, error = None, f"{type(exc).__name__}: {exc}"
         print(f"   failed: {error}", flush=True)
-    results["stages"][name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_gpu_mib": _peak_mib(rt),
+    results["stages"][name] = {"seconds": round(time.perf_counter() - t0, 2), "peak_gpu_mib": round(peak_mb(str(rt.device)), 1) if rt.on_cuda else None,
                                "error": error}
     return out
 

@@ -439,5 +439,5 @@ def _peak_memory(rt) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     peak = {"peak_rss_mib": round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)}
     if rt.on_cuda:
-        peak["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        peak["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(rt.device) / 2**20, 1)
     return peak

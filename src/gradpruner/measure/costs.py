@@ -144,7 +144,7 @@ def reset_peak(device: str) -> str:
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(device)
         return "torch.cuda.max_memory_allocated"
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so earlier phases do not linger
@@ -159,7 +159,7 @@ def reset_peak(device: str) -> str:
 def peak_mb(device: str, base: float = 0.0) -> float:
     """MiB at the peak since ``reset_peak``, minus ``base`` on CPU (e.g. the RSS before loading)."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     hwm = _hwm_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return hwm - base
 
@@ -175,9 +175,16 @@ class Usage:
                 "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1)}
 
 
+def _used_gpus() -> list[int]:
+    """The CUDA devices whose allocator counters can be read: all of them once this process has used CUDA,
+    none before (reading them would start CUDA in a process that never needed it)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+
+
 @contextlib.contextmanager
 def measure(interval: float = 0.05):
-    """Wall time and peak resident memory of the block (sampled), and peak GPU memory if any."""
+    """Wall time and peak resident memory of the block (sampled), and the peak memory of the busiest GPU the
+    process used (None when it never touched CUDA): it observes whichever device the stage ran on."""
     usage = Usage(peak_rss_mb=rss_mb())
     stop = threading.Event()
 
@@ -186,8 +193,8 @@ def measure(interval: float = 0.05):
             usage.peak_rss_mb = max(usage.peak_rss_mb, rss_mb())
 
     thread = threading.Thread(target=sample, daemon=True)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    for d in _used_gpus():
+        torch.cuda.reset_peak_memory_stats(d)
     start = time.perf_counter()
     thread.start()
     try:
@@ -197,8 +204,9 @@ def measure(interval: float = 0.05):
         thread.join()
         usage.seconds = time.perf_counter() - start
         usage.peak_rss_mb = max(usage.peak_rss_mb, rss_mb())
-        if torch.cuda.is_available():
-            usage.peak_gpu_mb = torch.cuda.max_memory_allocated() / 2**20
+        gpus = _used_gpus()
+        if gpus:
+            usage.peak_gpu_mb = max(torch.cuda.max_memory_allocated(d) for d in gpus) / 2**20
 
 
 def sync(device: str) -> None:
