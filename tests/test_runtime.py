@@ -105,6 +105,25 @@ def test_the_same_runtime_flags_on_every_command_that_holds_a_model():
         assert {"--device", "--dtype", "--attn-implementation", "--trust-remote-code", "--allow-pickle"} <= flags, cmd
 
 
+def test_a_launch_starts_its_process_group_for_the_runtime_device(tiny_llama, monkeypatch):
+    """Under torchrun the first start of the process group decides for the whole process (the Trainer
+    reuses it): after a stage loaded its model, the group is started for that model's device, not for
+    whatever GPU the machine has."""
+    import accelerate
+
+    from gradpruner.models.loading import load_model
+    from gradpruner.util import distributed
+
+    started = []
+    monkeypatch.setattr(distributed, "_group_on_cpu", None)  # restored afterwards
+    monkeypatch.setattr(accelerate, "PartialState", lambda **kw: started.append(kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine …
+    for device, cpu in (("cpu", True), ("meta", False)):  # … running the CPU runtime, then an accelerator
+        load_model(tiny_llama, Runtime(torch.device(device), torch.float32))
+        distributed.ensure_group()
+        assert started.pop() == {"cpu": cpu}
+
+
 # --- every stage lands on the runtime's device and dtype ---------------------------------------
 
 def test_eval_puts_model_and_inputs_on_the_runtime(tiny_llama, spy):

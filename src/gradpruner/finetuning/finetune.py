@@ -189,7 +189,6 @@ def finetune(model: str | Path, out: str | Path, task: str | None = None, data: 
            "data": str(Path(data).resolve()) if data else None, "train_examples": len(features)}
     checkpoint = _resume_point(ckpt, run) if resume else None
     save_dtype = stored_dtype(model_config)
-    rt.activate()
     # the frozen LoRA base in the runtime's precision; weights that are trained in float32
     base = load_model(source, rt, dtype=None if cfg.mode == "lora" else torch.float32)
     if main:

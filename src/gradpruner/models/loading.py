@@ -257,6 +257,7 @@ def load_model(source: Path | str, runtime=None, dtype=None):
     from gradpruner.models.runtime import resolve
 
     rt = resolve(runtime)
+    rt.activate()
     dtype = dtype or rt.dtype
     config = check_model(source, rt.trust_remote_code, rt.allow_pickle)
     extra = {"attn_implementation": rt.attn_implementation} if rt.attn_implementation else {}

@@ -86,11 +86,16 @@ class Runtime:
         return batch.to(self.device)
 
     def activate(self) -> None:
-        """Make this device the current one (``cuda:N``) for code that asks torch for "the" GPU (Trainer)."""
+        """Make this runtime the process's: its GPU the current one (``cuda:N``) for code that asks torch for
+        "the" GPU (the Trainer), and the device a process group of a launch is to be started for
+        (``util.distributed.group_on``). ``load_model`` calls it."""
+        from gradpruner.util import distributed
+
         if self.on_cuda and self.device.index is not None:
             import torch
 
             torch.cuda.set_device(self.device)
+        distributed.group_on(cpu=self.on_cpu)
 
     def training_precision(self) -> dict:
         """TrainingArguments' precision flags for this runtime: autocast in bfloat16 / float16 when the

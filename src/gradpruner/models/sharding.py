@@ -55,19 +55,18 @@ def shard(model) -> dict:
     alike on every process) are first broadcast from process 0, as DDP does; the frozen ones are read
     from the same checkpoint everywhere."""
     fully_shard = _fully_shard()
-    distributed.ensure_group()
     from torch.distributed.device_mesh import init_device_mesh
 
+    device = next(model.parameters()).device  # where the runtime put it
+    distributed.group_on(cpu=device.type == "cpu")
+    distributed.ensure_group()
     processes = distributed.world_size()
     _hand_to_trainer(model, processes)
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:  # fully_shard keeps each process's own copy of its part: make them one
-                sent = p.data.to(torch.device("cuda", torch.cuda.current_device())) if device == "cuda" else p.data
-                torch.distributed.broadcast(sent, src=0)
-                p.data.copy_(sent)
-    mesh = init_device_mesh(device, (processes,))  # fully_shard moves each layer to this device as it shards it
+                torch.distributed.broadcast(p.data, src=0)
+    mesh = init_device_mesh(device.type, (processes,))  # fully_shard keeps each layer on this device
     for layer in architectures.find_decoder_layers(model)[2]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)

@@ -64,13 +64,25 @@ def per_device_batch(batch_size: int, grad_accum: int = 1) -> int:
     return batch_size // grad_accum // world_size()
 
 
+_group_on_cpu: bool | None = None  # where this process's model runs, once a stage's runtime said (group_on)
+
+
+def group_on(cpu: bool) -> None:
+    """Record where this process's model runs (``Runtime.activate``, from ``load_model``), so that a process
+    group started later is started for it: the first start decides for the whole process (the Trainer
+    reuses it), and a NCCL group under a CPU runtime would break the Trainer's collectives."""
+    global _group_on_cpu
+    _group_on_cpu = cpu
+
+
 def ensure_group() -> None:
-    """Start the process group the way the Trainer does (accelerate's ``PartialState``: gloo on CPU,
-    NCCL on GPUs) if no Trainer has."""
+    """Start the process group the way the Trainer does (accelerate's ``PartialState``: gloo on the CPU,
+    NCCL on GPUs) if nothing has yet, for the device ``group_on`` recorded; before any stage recorded one
+    (a command that holds no model), accelerate's own choice."""
     if not _initialized():
         from accelerate import PartialState
 
-        PartialState(cpu=not torch.cuda.is_available())
+        PartialState() if _group_on_cpu is None else PartialState(cpu=_group_on_cpu)
 
 
 def barrier() -> None:
