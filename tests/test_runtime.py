@@ -188,6 +188,15 @@ def test_igia_scoring_trains_on_the_runtime(tiny_llama, qa_file, tmp_path, monke
     assert seen["frozen"] == {torch.bfloat16} and seen["adapters"] == {torch.float32}
 
 
+def test_full_grad_scoring_trains_float32_weights_on_the_runtime(tiny_llama, qa_file, tmp_path, monkeypatch):
+    seen = _capture_trainer(monkeypatch)
+    with pytest.raises(Seen):
+        api.score(str(tiny_llama), tmp_path / "s", data=qa_file, method="full_grad", steps=2, batch_size=2,
+                  runtime=META_BF16)
+    assert seen["args"].use_cpu is False and seen["args"].bf16 is True and seen["args"].fp16 is False
+    assert seen["devices"] == {"meta"} and seen["all"] == {torch.float32}  # trained weights stay float32
+
+
 def test_cpu_runtime_trains_on_the_cpu(tiny_llama, qa_file, tmp_path, monkeypatch):
     seen = _capture_trainer(monkeypatch)
     with pytest.raises(Seen):

@@ -3,6 +3,8 @@
 import math
 from pathlib import Path
 
+import torch
+
 from gradpruner.data.examples import load_examples, tokenize
 from gradpruner.data.tasks import SPLIT_SEED
 from gradpruner.errors import Collect, GradPrunerError, lookup
@@ -83,7 +85,8 @@ def score(model: str, out: str | Path, task: str | None = None, data: str | Path
             check(check_model, source, rt.trust_remote_code, rt.allow_pickle)
         check(check_output, out, overwrite, inputs=(source if isinstance(source, Path) else None,))
         examples = check(load_examples, task=task, data=data, split="train", data_dir=data_dir, seed=SPLIT_SEED)
-    base = load_model(source, rt)
+    # the runtime's precision for a frozen base (LoRA steps, forward passes); weights a method trains in float32
+    base = load_model(source, rt, dtype=torch.float32 if spec.trains and not spec.lora_steps else None)
     tok = load_tokenizer(source, rt.trust_remote_code)
     features = tokenize(examples, tok, max_length=max_length)
     layer_params, total_params = layer_param_counts(base)

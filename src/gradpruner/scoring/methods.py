@@ -82,8 +82,7 @@ def train_steps(model, tok, features, callback, *, steps: int, batch_size: int, 
     from gradpruner.models.runtime import resolve
     from gradpruner.util.distributed import per_device_batch
 
-    rt = resolve(runtime)
-    rt.activate()
+    rt = resolve(runtime)  # activated by load_model, which put the model there
     per_device = per_device_batch(batch_size, grad_accum)
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="gradpruner-steps-"))
     args = TrainingArguments(
@@ -245,7 +244,7 @@ def full_grad(ctx: Context) -> dict:
             per_step.append(row)
 
     train_steps(ctx.model, ctx.tokenizer, ctx.features, Capture(), steps=ctx.steps, batch_size=ctx.batch_size,
-                lr=ctx.lr, seed=ctx.seed)
+                lr=ctx.lr, seed=ctx.seed, runtime=ctx.runtime)
     n = len(per_step)
     scores = [sum(row[j] for row in per_step) / max(n, 1) for j in range(len(linear))]
     return {"layer_scores": scores, "steps": n, "step_layer_sq_norms": per_step}
