@@ -111,8 +111,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
 
     model.eval()
     device = next(model.parameters()).device
-    limit = model_max_length(model, tokenizer)
-    limit = limit if max_length is None else min(max_length, limit)
+    limit = model_max_length(model, tokenizer, max_length)
     room = limit - max_new_tokens
     if room < 1:
         raise GradPrunerError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in --max-length {limit} "
@@ -371,7 +370,7 @@ def _eval_generation(model, tokenizer, spec, rows, batch_size, encoder, max_new_
 
 
 def _eval_file(model, tokenizer, examples, batch_size, max_length, progress):
-    features = tokenize(examples, tokenizer, max_length=min(max_length, model_max_length(model, tokenizer)))
+    features = tokenize(examples, tokenizer, max_length=model_max_length(model, tokenizer, max_length))
     stats = completion_stats(model, tokenizer, features, batch_size, progress, desc="prompt/completion file")
     per_item = {"loss": M.loss([s[0] for s in stats], [s[1] for s in stats]),
                 "exact_match": [float(s[2]) for s in stats]}

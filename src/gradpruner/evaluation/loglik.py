@@ -55,14 +55,16 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def model_max_length(model, tokenizer=None) -> int:
-    """The context length lm-eval's HFLM assumes for ``model`` (config, then tokenizer, then 2048)."""
+def model_max_length(model, tokenizer=None, max_length: int | None = None) -> int:
+    """The context length lm-eval's HFLM assumes for ``model`` (config, then tokenizer, then 2048), capped
+    at a user's ``max_length`` when one is given (HFLM's ``max_length``)."""
     cfg = getattr(model.config, "text_config", None) or model.config
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        if getattr(cfg, attr, None) is not None:
-            return int(getattr(cfg, attr))
-    limit = getattr(tokenizer, "model_max_length", None)
-    return int(limit) if limit is not None and limit < 1e12 else _DEFAULT_MAX_LENGTH
+    limit = next((int(getattr(cfg, attr)) for attr in ("n_positions", "max_position_embeddings", "n_ctx")
+                  if getattr(cfg, attr, None) is not None), None)
+    if limit is None:
+        known = getattr(tokenizer, "model_max_length", None)
+        limit = int(known) if known is not None and known < 1e12 else _DEFAULT_MAX_LENGTH
+    return limit if max_length is None else min(max_length, limit)
 
 
 def _forward(model, takes_logits_to_keep: bool, **kwargs):
@@ -101,8 +103,7 @@ def score_choices(model, tokenizer, items: Sequence[MCItem], batch_size: int = 8
         raise did_you_mean(method, METHODS, "scoring method")
     model.eval()
     device = next(model.parameters()).device
-    max_len = model_max_length(model, tokenizer)
-    max_len = max_len if max_length is None else min(max_length, max_len)
+    max_len = model_max_length(model, tokenizer, max_length)
     params = inspect.signature(model.forward).parameters
     takes_keep = "logits_to_keep" in params
     cache_kw = cache_keyword(model)
