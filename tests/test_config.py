@@ -74,3 +74,13 @@ def test_any_yaml_content_either_loads_or_raises_a_user_error(tmp_path_factory, 
     except GradPrunerError:
         return
     assert isinstance(cfg, RunConfig)
+
+
+def test_a_saved_config_of_an_earlier_version_still_runs(tmp_path):
+    """finetune.bf16 moved to runtime.dtype: the null every earlier config.yaml saved is read as before;
+    a value that asked for something is refused with where the setting lives now."""
+    old = tmp_path / "config.yaml"
+    old.write_text("finetune:\n  bf16: null\n  max_steps: 5\n")
+    assert load_config(old).finetune.max_steps == 5
+    with pytest.raises(GradPrunerError, match="finetune.bf16 is no longer read; set runtime.dtype"):
+        load_config(old, ["finetune.bf16=true"])

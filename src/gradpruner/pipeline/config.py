@@ -131,6 +131,9 @@ def _coerce(value, f: dataclasses.Field, where: str):
 
 
 RENAMED = {"plan.rule": "from_method"}  # keys of earlier versions, so their config.yaml files still run
+# Keys of earlier versions whose setting moved elsewhere: their default (null) is read as before, any
+# other value is refused with where the setting lives now.
+RETIRED = {"finetune.bf16": "runtime.dtype (bfloat16 autocast: runtime.dtype: bfloat16; null was auto, now runtime.dtype: auto)"}
 
 
 def _build(cls, data: dict, where: str = "", problems: list | None = None):
@@ -138,6 +141,10 @@ def _build(cls, data: dict, where: str = "", problems: list | None = None):
     kwargs = {}
     for key, value in data.items():
         key = RENAMED.get(where + str(key), key)
+        if where + str(key) in RETIRED:
+            if value is not None:
+                problems.append(f"Config key {where}{key} is no longer read; set {RETIRED[where + str(key)]}.")
+            continue
         if key not in known or not known[key].metadata.get("run", True):
             problems.append(_unknown_key(str(key), {k: f for k, f in known.items() if f.metadata.get("run", True)}, where))
             continue
